@@ -1,0 +1,77 @@
+"""Who a request belongs to: a key id that never contains the key, and a team."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import parse_qs
+
+from .config import KeyEntry, Secret
+
+# Used when no key_hash_secret is configured: the label is then a plain (but truncated) hash,
+# still irreversible for random API keys; configure a secret to make it unlinkable too.
+_DEFAULT_SECRET = b"token-sidecar/key-id/v1"
+ANONYMOUS = "anonymous"
+UNKNOWN_TEAM = "none"
+
+
+def bearer_key(headers: Mapping[str, str], query: str = "") -> str | None:
+    """The API key of a request, whichever header (or query parameter) the provider uses."""
+    auth = headers.get("Authorization") or headers.get("authorization")
+    if auth:
+        scheme, _, token = auth.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    for name in ("x-api-key", "api-key", "x-goog-api-key"):
+        value = headers.get(name)
+        if value:
+            return value.strip()
+    if query and "key=" in query:
+        values = parse_qs(query).get("key")
+        if values:
+            return values[0]
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    key: str
+    team: str
+
+
+class Attributor:
+    """Maps a request to (key id, team) using the configured aliases and team header."""
+
+    def __init__(self, keys: tuple[KeyEntry, ...], team_header: str | None,
+                 secret: Secret | None) -> None:
+        self._by_digest = {k.sha256: k for k in keys}
+        self._team_header = team_header
+        self._secret = secret.reveal().encode() if secret else _DEFAULT_SECRET
+        self._memo: dict[str, Identity] = {}
+
+    def key_id(self, key: str) -> str:
+        mac = hmac.new(self._secret, key.encode(), hashlib.sha256).hexdigest()
+        return "k-" + mac[:12]
+
+    def identify(self, headers: Mapping[str, str], query: str = "") -> Identity:
+        key = bearer_key(headers, query)
+        header_team = headers.get(self._team_header) if self._team_header else None
+        if key is None:
+            return Identity(ANONYMOUS, (header_team or UNKNOWN_TEAM).strip())
+        # Memoized by digest so raw keys are not kept alive in a long-lived table.
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        ident = self._memo.get(digest)
+        if ident is None:
+            entry = self._by_digest.get(digest)
+            if entry is not None:
+                ident = Identity(entry.alias, entry.team or UNKNOWN_TEAM)
+            else:
+                ident = Identity(self.key_id(key), UNKNOWN_TEAM)
+            if len(self._memo) > 10_000:
+                self._memo.clear()
+            self._memo[digest] = ident
+        if header_team and ident.team == UNKNOWN_TEAM:
+            return Identity(ident.key, header_team.strip())
+        return ident

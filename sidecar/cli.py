@@ -1,0 +1,103 @@
+"""Command line: `sidecar run|demo|top`. Every `run` flag has an environment variable twin."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import OPTIONS, ConfigError, load_settings, parse_hostport
+
+# Flags of `run`, mapped to the Settings attribute and its env var (see config.OPTIONS).
+_RUN_FLAGS = {opt.attr: opt for opt in OPTIONS}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sidecar",
+        description="Transparent reverse proxy that meters LLM tokens live and exports them "
+                    "to Prometheus.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run", help="run the proxy in front of an upstream",
+        description="Run the proxy. Each flag can also be set by the environment variable "
+                    "shown, or in the YAML --config file. Precedence: flag > env > file.")
+    run.add_argument("--config", metavar="FILE", help="YAML config file (env SIDECAR_CONFIG)")
+    for attr, opt in _RUN_FLAGS.items():
+        run.add_argument(f"--{attr.replace('_', '-')}", dest=attr, metavar=attr.upper(),
+                         help=f"{opt.help} (env {opt.env}; file key {opt.file_key})")
+
+    demo = sub.add_parser(
+        "demo", help="mock upstream + sidecar + traffic + live view; no key, no network",
+        description="Start a built-in OpenAI-compatible mock upstream, the sidecar in front of "
+                    "it and a little traffic, and show live token counts per model.")
+    demo.add_argument("--duration", type=float, default=20.0,
+                      help="seconds to run, 0 = until Ctrl-C (default 20)")
+    demo.add_argument("--workers", type=int, default=4, help="concurrent clients (default 4)")
+    demo.add_argument("--pace", type=float, default=0.04,
+                      help="seconds between streamed chunks (default 0.04)")
+    demo.add_argument("--listen", default="127.0.0.1:0", help="proxy address (default: any port)")
+    demo.add_argument("--metrics-listen", default="127.0.0.1:0",
+                      help="metrics address (default: any port)")
+    demo.add_argument("--records", default="off",
+                      help="per-request JSON lines: '-' stderr, a file path, or 'off' (default)")
+
+    top = sub.add_parser("top", help="terminal dashboard for a running sidecar",
+                         description="Poll a sidecar's /metrics and show live tokens per model.")
+    top.add_argument("--metrics", default="http://127.0.0.1:9464/metrics",
+                     help="metrics URL (default http://127.0.0.1:9464/metrics)")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.add_argument("--iterations", type=int, default=None, help="stop after N refreshes")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    if args.command == "run":
+        flags = {attr: getattr(args, attr) for attr in _RUN_FLAGS}
+        try:
+            settings = load_settings(args.config, flags=flags)
+        except ConfigError as exc:
+            print(f"sidecar: {exc}", file=sys.stderr)
+            return 2
+        logging.basicConfig(level=settings.log_level,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from .app import serve
+
+        try:
+            asyncio.run(serve(settings))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    if args.command == "demo":
+        logging.basicConfig(level="WARNING")
+        try:
+            listen = parse_hostport(args.listen)
+            metrics_listen = parse_hostport(args.metrics_listen)
+        except ValueError as exc:
+            print(f"sidecar demo: --listen/--metrics-listen: {exc}", file=sys.stderr)
+            return 2
+        from .demo import run_demo
+
+        try:
+            asyncio.run(run_demo(args.duration, args.workers, args.pace, listen, metrics_listen,
+                                 args.records))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    if args.command == "top":
+        from .top import run_top
+
+        try:
+            asyncio.run(run_top(args.metrics, args.interval, args.iterations))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

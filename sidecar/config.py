@@ -1,0 +1,293 @@
+"""Settings from a YAML file, environment variables and flags, validated with every problem listed.
+
+Precedence: command-line flag > environment variable > config file > default. Each problem is
+reported with the key it concerns and how to fix it; nothing starts until all are fixed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+
+class Secret:
+    """A string whose repr and str never show the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class ConfigError(ValueError):
+    """Invalid settings; ``problems`` lists each as 'key: what is wrong (how to fix)'."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    sha256: str
+    alias: str
+    team: str | None
+
+
+@dataclass(slots=True)
+class Settings:
+    upstream: str = ""
+    listen: tuple[str, int] = ("0.0.0.0", 8080)
+    metrics_listen: tuple[str, int] = ("0.0.0.0", 9464)
+    provider: str = "openai"
+    dialect: str = "openai"
+    connect_timeout: float = 10.0
+    read_timeout: float = 300.0
+    max_request_body: int = 32 * 1024 * 1024
+    max_frame_size: int = 8 * 1024 * 1024
+    client_disconnect: str = "close"
+    drain_timeout: float = 10.0
+    max_keys: int = 1000
+    max_teams: int = 200
+    max_models: int = 200
+    team_header: str | None = None
+    key_hash_secret: Secret | None = None
+    keys: tuple[KeyEntry, ...] = ()
+    records: str = "-"
+    log_level: str = "INFO"
+    config_file: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        raise ValueError("expected HOST:PORT, e.g. 0.0.0.0:8080")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} is not a number from 0 to 65535")
+    return (host.strip("[]") or "0.0.0.0"), int(port)
+
+
+def _url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL, e.g. https://api.openai.com")
+    return value.rstrip("/")
+
+
+def _positive_float(value: Any) -> float:
+    f = float(value)
+    if f <= 0:
+        raise ValueError("must be greater than 0")
+    return f
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, int):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]i?[bB]?)?\s*", str(value))
+        if not m:
+            raise ValueError("expected a size in bytes, e.g. 33554432 or 32MiB")
+        mult = {"k": 1024, "m": 1024**2, "g": 1024**3}.get((m.group(2) or " ")[0].lower(), 1)
+        n = int(m.group(1)) * mult
+    if n <= 0:
+        raise ValueError("must be greater than 0")
+    return n
+
+
+def _positive_int(value: Any) -> int:
+    n = int(value)
+    if n <= 0:
+        raise ValueError("must be greater than 0")
+    return n
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        v = str(value).strip().lower()
+        if v not in options:
+            raise ValueError(f"expected one of {', '.join(options)}")
+        return v
+
+    return check
+
+
+def _label(value: Any) -> str:
+    v = str(value).strip()
+    if not v:
+        raise ValueError("must not be empty")
+    return v
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: where it lives in the file, its env var and flag, how to parse it."""
+
+    attr: str
+    file_key: str  # dotted path in the YAML file
+    env: str
+    parse: Callable[[Any], Any]
+    help: str
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("upstream", "upstream", "SIDECAR_UPSTREAM", _url,
+           "upstream base URL every request is forwarded to (required)"),
+    Option("listen", "listen", "SIDECAR_LISTEN", parse_hostport,
+           "proxy address HOST:PORT (default 0.0.0.0:8080)"),
+    Option("metrics_listen", "metrics_listen", "SIDECAR_METRICS_LISTEN", parse_hostport,
+           "metrics/health address HOST:PORT (default 0.0.0.0:9464)"),
+    Option("provider", "provider", "SIDECAR_PROVIDER", _label,
+           "value of the 'provider' label (default openai)"),
+    Option("dialect", "dialect", "SIDECAR_DIALECT", _choice("openai"),
+           "wire format of the upstream (default openai)"),
+    Option("connect_timeout", "timeouts.connect", "SIDECAR_CONNECT_TIMEOUT", _positive_float,
+           "seconds to connect to the upstream (default 10)"),
+    Option("read_timeout", "timeouts.read", "SIDECAR_READ_TIMEOUT", _positive_float,
+           "seconds the upstream may stay silent mid-response (default 300)"),
+    Option("max_request_body", "limits.max_request_body", "SIDECAR_MAX_REQUEST_BODY", _size,
+           "largest request body accepted, else 413 (default 32MiB)"),
+    Option("max_frame_size", "limits.max_frame_size", "SIDECAR_MAX_FRAME_SIZE", _size,
+           "largest SSE/NDJSON frame the meter buffers (default 8MiB)"),
+    Option("client_disconnect", "client_disconnect.upstream", "SIDECAR_CLIENT_DISCONNECT",
+           _choice("close", "drain"),
+           "on client disconnect: close the upstream at once, or drain it to read usage "
+           "(default close)"),
+    Option("drain_timeout", "client_disconnect.drain_timeout", "SIDECAR_DRAIN_TIMEOUT",
+           _positive_float, "seconds to drain the upstream after a disconnect (default 10)"),
+    Option("max_keys", "labels.max_keys", "SIDECAR_MAX_KEYS", _positive_int,
+           "distinct 'key' label values before new ones become 'other' (default 1000); each "
+           "adds one series per model and token type"),
+    Option("max_teams", "labels.max_teams", "SIDECAR_MAX_TEAMS", _positive_int,
+           "distinct 'team' label values before 'other' (default 200)"),
+    Option("max_models", "labels.max_models", "SIDECAR_MAX_MODELS", _positive_int,
+           "distinct 'model' label values before 'other' (default 200)"),
+    Option("team_header", "attribution.team_header", "SIDECAR_TEAM_HEADER", _label,
+           "request header naming the team (optional)"),
+    Option("key_hash_secret", "attribution.key_hash_secret", "SIDECAR_KEY_HASH_SECRET",
+           lambda v: Secret(_label(v)),
+           "secret for the keyed hash that names API keys in labels (recommended)"),
+    Option("records", "records", "SIDECAR_RECORDS", _label,
+           "where the per-request JSON lines go: '-' for stderr, 'off', or a file path"),
+    Option("log_level", "log_level", "SIDECAR_LOG_LEVEL",
+           lambda v: _choice("debug", "info", "warning", "error")(v).upper(),
+           "log level (default info)"),
+)
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+_KNOWN_TOP = {o.file_key.split(".")[0] for o in OPTIONS}
+
+
+def _parse_keys(raw: Any, problems: list[str]) -> tuple[KeyEntry, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.append("attribution.keys: expected a list of {sha256, alias, team} entries")
+        return ()
+    out = []
+    for i, entry in enumerate(raw):
+        where = f"attribution.keys[{i}]"
+        if not isinstance(entry, Mapping):
+            problems.append(f"{where}: expected a mapping with sha256, alias and optional team")
+            continue
+        digest = str(entry.get("sha256", "")).strip().lower()
+        if not _SHA256.fullmatch(digest):
+            problems.append(
+                f"{where}.sha256: expected 64 hex digits (fix: printf %s \"$KEY\" | sha256sum)"
+            )
+            continue
+        alias = entry.get("alias")
+        if not isinstance(alias, str) or not alias.strip():
+            problems.append(f"{where}.alias: required, the name shown in the 'key' label")
+            continue
+        team = entry.get("team")
+        out.append(KeyEntry(digest, alias.strip(), str(team).strip() if team else None))
+    return tuple(out)
+
+
+def load_settings(
+    file: str | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build Settings; raises ConfigError listing every problem at once."""
+    env = os.environ if env is None else env
+    flags = flags or {}
+    problems: list[str] = []
+    tree: dict[str, Any] = {}
+    file = file or env.get("SIDECAR_CONFIG") or None
+    if file:
+        try:
+            loaded = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError([f"config: file {file} does not exist (fix: check --config)"]) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"config: {file} is not valid YAML: {exc}"]) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"config: {file} must hold a mapping at the top level"])
+        tree = loaded
+        for key in tree:
+            if key not in _KNOWN_TOP and key not in ("prices", "budgets", "routes"):
+                problems.append(f"{key}: unknown key (known: {', '.join(sorted(_KNOWN_TOP))})")
+
+    settings = Settings(config_file=file)
+    for opt in OPTIONS:
+        if flags.get(opt.attr) is not None:
+            value, origin = flags[opt.attr], f"--{opt.attr.replace('_', '-')}"
+        elif env.get(opt.env):
+            value, origin = env[opt.env], opt.env
+        else:
+            found, value = _lookup(tree, opt.file_key)
+            if not found or value is None:
+                continue
+            origin = opt.file_key
+        try:
+            setattr(settings, opt.attr, opt.parse(value))
+        except (ValueError, TypeError) as exc:
+            shown = "<hidden>" if opt.attr == "key_hash_secret" else repr(value)
+            problems.append(f"{origin}: {shown} is invalid: {exc}")
+
+    found, raw_keys = _lookup(tree, "attribution.keys")
+    settings.keys = _parse_keys(raw_keys if found else None, problems)
+    if not settings.upstream:
+        problems.append(
+            "upstream: required (fix: --upstream URL, SIDECAR_UPSTREAM, or 'upstream:' in the file)"
+        )
+    if problems:
+        raise ConfigError(problems)
+    return settings

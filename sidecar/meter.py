@@ -1,0 +1,254 @@
+"""Per-request accounting, sans-IO: live output estimate chunk by chunk, reported usage wins.
+
+The proxy feeds the meter a copy of every response byte after writing it to the client. The
+meter decodes its own copy (content-encoding, then frames), hands frames to the dialect, and
+counts generated text incrementally. ``settle()`` turns what it saw into a ``Settlement``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import orjson
+
+from .dialects.base import REASONING, Dialect, RequestInfo, Usage
+from .frames import Decoder, FrameError, decoder_for
+from .tokens import TextCounter, Tokenizer
+
+# A non-streamed body larger than this is forwarded but not parsed: holding it would cost more
+# memory than the accounting is worth (embeddings of big batches are the usual case).
+MAX_METERED_BODY = 32 * 1024 * 1024
+
+SOURCE_REPORTED = "reported"
+SOURCE_ESTIMATED = "estimated"
+
+
+@dataclass(slots=True)
+class Settlement:
+    """The final accounting of one request: counts and where each came from."""
+
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int | None
+    cache_write_input_tokens: int | None
+    reasoning_tokens: int | None
+    input_source: str
+    output_source: str
+    reasoning_source: str | None
+    estimated_input_tokens: int
+    estimated_output_tokens: int
+    reported: dict[str, int | None] | None
+    model: str | None
+    finish_reason: str | None
+    error: str | None
+    frame_errors: int
+    first_token_at: float | None
+
+    @property
+    def source(self) -> str:
+        """One word for the record: reported, estimated, or mixed when input and output differ."""
+        if self.input_source == self.output_source:
+            return self.input_source
+        return "mixed"
+
+
+class _Inflater:
+    """Decodes a gzip/deflate copy of the body for the meter; the client gets the original."""
+
+    __slots__ = ("_obj",)
+
+    def __init__(self, encoding: str) -> None:
+        # 47 = auto-detect gzip or zlib header; raw deflate is tried if that fails.
+        self._obj = zlib.decompressobj(47 if encoding in ("gzip", "x-gzip") else zlib.MAX_WBITS)
+
+    def feed(self, data: bytes) -> bytes:
+        return self._obj.decompress(data)
+
+
+class Meter:
+    """Accounting state for one request and its response."""
+
+    def __init__(
+        self,
+        dialect: Dialect,
+        info: RequestInfo,
+        tokenizer: Tokenizer,
+        clock: Callable[[], float],
+        *,
+        max_frame_size: int | None = None,
+    ) -> None:
+        self.dialect = dialect
+        self.info = info
+        self.tokenizer = tokenizer
+        self._clock = clock
+        self._max_frame_size = max_frame_size
+        self.model_name: str | None = info.model
+        self.reported = Usage()
+        self.prompt_estimate = 0
+        self.frame_errors = 0
+        self.error_message: str | None = None
+        self.finish: str | None = None
+        self.first_token_at: float | None = None
+        self.streamed = False
+        self._counters: dict[tuple[Any, ...], TextCounter] = {}
+        self._reasoning_slots: set[tuple[Any, ...]] = set()
+        self._live = 0  # output tokens committed since the last take_live()
+        self._decoder: Decoder | None = None
+        self._parser: Any = None
+        self._inflater: _Inflater | None = None
+        self._body: list[bytes] | None = None
+        self._body_size = 0
+        self._undecodable = False
+
+    # -- request side -------------------------------------------------------------------------
+
+    def estimate_prompt(self) -> int:
+        """Prompt tokens from the request body (may be offloaded to a thread for big bodies)."""
+        try:
+            self.prompt_estimate = self.dialect.estimate_prompt(self.info, self.tokenizer)
+        except Exception:  # a body we cannot read must not break the request
+            self.malformed("request body could not be estimated")
+            self.prompt_estimate = 0
+        return self.prompt_estimate
+
+    # -- response side ------------------------------------------------------------------------
+
+    def start_response(self, content_type: str | None, content_encoding: str | None) -> None:
+        enc = (content_encoding or "identity").strip().lower()
+        if enc in ("gzip", "x-gzip", "deflate"):
+            self._inflater = _Inflater(enc)
+        elif enc not in ("identity", ""):
+            self._undecodable = True
+            self.malformed(f"content-encoding {enc!r} is not decoded by the meter")
+        kwargs = {} if self._max_frame_size is None else {"max_frame_size": self._max_frame_size}
+        self._decoder = decoder_for(content_type, **kwargs)
+        if self._decoder is not None:
+            self.streamed = True
+            self._parser = self.dialect.stream_parser(self)
+        else:
+            self._body = []
+
+    def feed(self, chunk: bytes) -> None:
+        """A copy of bytes the client already received. Never raises."""
+        if self._undecodable or not chunk:
+            return
+        try:
+            if self._inflater is not None:
+                chunk = self._inflater.feed(chunk)
+            if self._decoder is not None:
+                self._frames(self._decoder.feed(chunk))
+            elif self._body is not None:
+                self._body_size += len(chunk)
+                if self._body_size > MAX_METERED_BODY:
+                    self._body = None
+                    self.malformed("response body too large to meter")
+                else:
+                    self._body.append(chunk)
+        except zlib.error:
+            self._undecodable = True
+            self.malformed("compressed body could not be decoded")
+        except Exception as exc:  # accounting must never break the stream
+            self.malformed(f"meter error: {type(exc).__name__}")
+
+    def end_of_body(self) -> None:
+        """The upstream finished (or the stream was cut): flush decoders and text counters."""
+        try:
+            if self._decoder is not None and not self._undecodable:
+                self._frames(self._decoder.close())
+            elif self._body is not None and not self._undecodable:
+                body = b"".join(self._body)
+                self._body = None
+                if body.strip():
+                    try:
+                        obj = orjson.loads(body)
+                    except orjson.JSONDecodeError:
+                        self.malformed("response body is not JSON")
+                    else:
+                        self.dialect.parse_body(obj, self)
+        except Exception as exc:
+            self.malformed(f"meter error: {type(exc).__name__}")
+        for counter in self._counters.values():
+            self._live += counter.flush()
+
+    def take_live(self) -> int:
+        """Output tokens estimated since the last call (for the live counter)."""
+        n, self._live = self._live, 0
+        return n
+
+    def _frames(self, items: list[Any]) -> None:
+        parser = self._parser
+        for item in items:
+            if isinstance(item, FrameError):
+                self.malformed(item.reason)
+            else:
+                parser.on_frame(item)
+
+    # -- Sink (called by the dialect) ---------------------------------------------------------
+
+    def text(self, slot: tuple[Any, ...], kind: str, text: str) -> None:
+        counter = self._counters.get(slot)
+        if counter is None:
+            counter = self._counters[slot] = self.tokenizer.counter()
+            if kind == REASONING:
+                self._reasoning_slots.add(slot)
+        if self.first_token_at is None:
+            self.first_token_at = self._clock()
+        self._live += counter.feed(text)
+
+    def usage(self, usage: Usage) -> None:
+        self.reported.merge(usage)
+
+    def model(self, name: str) -> None:
+        self.model_name = name
+
+    def finish_reason(self, reason: str) -> None:
+        self.finish = reason
+
+    def error(self, message: str) -> None:
+        self.error_message = message[:500]
+
+    def malformed(self, reason: str) -> None:
+        self.frame_errors += 1
+
+    # -- settlement ---------------------------------------------------------------------------
+
+    @property
+    def estimated_output(self) -> int:
+        return sum(c.total for c in self._counters.values())
+
+    @property
+    def estimated_reasoning(self) -> int:
+        return sum(self._counters[s].total for s in self._reasoning_slots)
+
+    def settle(self) -> Settlement:
+        r = self.reported
+        est_out = self.estimated_output
+        reasoning: int | None
+        if r.reasoning is not None:
+            reasoning, reasoning_source = r.reasoning, SOURCE_REPORTED
+        elif self._reasoning_slots:
+            reasoning, reasoning_source = self.estimated_reasoning, SOURCE_ESTIMATED
+        else:
+            reasoning, reasoning_source = None, None
+        return Settlement(
+            input_tokens=r.input if r.input is not None else self.prompt_estimate,
+            output_tokens=r.output if r.output is not None else est_out,
+            cached_input_tokens=r.cached_input,
+            cache_write_input_tokens=r.cache_write_input,
+            reasoning_tokens=reasoning,
+            input_source=SOURCE_REPORTED if r.input is not None else SOURCE_ESTIMATED,
+            output_source=SOURCE_REPORTED if r.output is not None else SOURCE_ESTIMATED,
+            reasoning_source=reasoning_source,
+            estimated_input_tokens=self.prompt_estimate,
+            estimated_output_tokens=est_out,
+            reported=None if r.empty() else asdict(r),
+            model=self.model_name,
+            finish_reason=self.finish,
+            error=self.error_message,
+            frame_errors=self.frame_errors,
+            first_token_at=self.first_token_at,
+        )
+

@@ -1,0 +1,123 @@
+"""Every metric the sidecar exports, on an injected registry. Names and labels are a contract."""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .meter import SOURCE_ESTIMATED, Settlement
+
+OTHER = "other"
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 21, 34, 60, 120, 300, 600)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1)
+_RATIO_BUCKETS = (0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 1.0, 1.01, 1.02, 1.05, 1.1, 1.25, 1.5, 2)
+
+
+class LabelCap:
+    """Admits at most ``limit`` distinct values of one label; later ones become ``other``."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+        self.overflowed = 0
+
+    def __call__(self, value: str | None) -> str:
+        v = value or "unknown"
+        if v in self._seen:
+            return v
+        with self._lock:
+            if v in self._seen:
+                return v
+            if len(self._seen) < self.limit:
+                self._seen.add(v)
+                return v
+            self.overflowed += 1
+            return OTHER
+
+
+class _CapCollector(Collector):
+    def __init__(self, caps: tuple[LabelCap, ...]) -> None:
+        self._caps = caps
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        g = GaugeMetricFamily(
+            "llm_label_values", "Distinct values admitted per capped label (others go to 'other')",
+            labels=["label"],
+        )
+        for cap in self._caps:
+            g.add_metric([cap.name], len(cap._seen))
+        yield g
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry, *, max_keys: int = 1000,
+                 max_teams: int = 200, max_models: int = 200) -> None:
+        self.registry = registry
+        self.cap_key = LabelCap("key", max_keys)
+        self.cap_team = LabelCap("team", max_teams)
+        self.cap_model = LabelCap("model", max_models)
+        registry.register(_CapCollector((self.cap_key, self.cap_team, self.cap_model)))
+        self.tokens = Counter(
+            "llm_tokens", "Settled tokens, added once when a request ends",
+            ["provider", "model", "token_type", "source", "key", "team"], registry=registry)
+        self.live_tokens = Counter(
+            "llm_live_tokens",
+            "Live token estimates: input when the request is sent, output chunk by chunk",
+            ["provider", "model", "token_type", "key", "team"], registry=registry)
+        self.requests = Counter(
+            "llm_requests", "Requests by outcome",
+            ["provider", "model", "key", "team", "code", "outcome", "stream"], registry=registry)
+        self.in_flight = Gauge(
+            "llm_streams_in_flight", "Streamed responses currently being relayed",
+            ["provider", "model"], registry=registry)
+        self.ttft = Histogram(
+            "llm_time_to_first_token_seconds", "Request start to first generated text",
+            ["provider", "model"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.duration = Histogram(
+            "llm_request_duration_seconds", "Request start to end of the response",
+            ["provider", "model", "stream"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.tpot = Histogram(
+            "llm_time_per_output_token_seconds", "Generation time per output token after the first",
+            ["provider", "model"], buckets=_TPOT_BUCKETS, registry=registry)
+        self.estimate_ratio = Histogram(
+            "llm_token_estimate_ratio", "Estimated / reported tokens, when both exist",
+            ["provider", "model", "token_type"], buckets=_RATIO_BUCKETS, registry=registry)
+        self.frame_errors = Counter(
+            "llm_frame_errors", "Frames or bodies the meter could not read (passed through)",
+            ["provider"], registry=registry)
+
+    def model_label(self, model: str | None) -> str:
+        return self.cap_model(model)
+
+    def settle(self, provider: str, model: str, key: str, team: str, s: Settlement) -> None:
+        """Add one request's settled counts (labels already capped)."""
+        t = self.tokens
+        t.labels(provider, model, "input", s.input_source, key, team).inc(s.input_tokens)
+        t.labels(provider, model, "output", s.output_source, key, team).inc(s.output_tokens)
+        if s.cached_input_tokens is not None:
+            t.labels(provider, model, "cached_input", s.input_source, key, team).inc(
+                s.cached_input_tokens)
+        if s.cache_write_input_tokens is not None:
+            t.labels(provider, model, "cache_write_input", s.input_source, key, team).inc(
+                s.cache_write_input_tokens)
+        if s.reasoning_tokens is not None and s.reasoning_source is not None:
+            t.labels(provider, model, "reasoning", s.reasoning_source, key, team).inc(
+                s.reasoning_tokens)
+        if s.output_source != SOURCE_ESTIMATED and s.output_tokens > 0 and (
+            s.estimated_output_tokens > 0
+        ):
+            self.estimate_ratio.labels(provider, model, "output").observe(
+                s.estimated_output_tokens / s.output_tokens)
+        if s.input_source != SOURCE_ESTIMATED and s.input_tokens > 0 and (
+            s.estimated_input_tokens > 0
+        ):
+            self.estimate_ratio.labels(provider, model, "input").observe(
+                s.estimated_input_tokens / s.input_tokens)
+        if s.frame_errors:
+            self.frame_errors.labels(provider).inc(s.frame_errors)

@@ -1,0 +1,217 @@
+"""Shared test machinery: a scripted upstream over real loopback sockets, and a running sidecar."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from sidecar.app import Apps, Running, make_app, start
+from sidecar.config import Settings
+from sidecar.tokens import Tokenizers
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def conformance_dir() -> Path | None:
+    """The shared recorded-stream fixtures: SIDECAR_CONFORMANCE_DIR, else ../shared/fixtures."""
+    env = os.environ.get("SIDECAR_CONFORMANCE_DIR")
+    path = Path(env) if env else ROOT.parent / "shared" / "fixtures"
+    return path if path.is_dir() else None
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail("promtool is missing: install Debian's 'prometheus' package (make test does)")
+    return path
+
+
+@dataclass
+class Script:
+    """What the upstream sends for one request."""
+
+    chunks: list[bytes]
+    status: int = 200
+    headers: dict[str, str] = field(
+        default_factory=lambda: {"Content-Type": "text/event-stream"})
+    delay: float = 0.0  # seconds before each chunk
+    content_length: bool = False  # send Content-Length instead of chunked
+    abort_after: int | None = None  # close the connection after this many chunks
+    stall_after: int | None = None  # stop sending (but keep open) after this many chunks
+
+
+class ScriptedUpstream:
+    """A real aiohttp server; each request names its script in the X-Script header."""
+
+    def __init__(self) -> None:
+        self.scripts: dict[str, Script] = {}
+        self.requests: list[dict[str, Any]] = []
+        self._ids = itertools.count()
+        self.app = web.Application()
+        self.app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+        self.finished: list[str] = []
+
+    def add(self, script: Script) -> str:
+        sid = f"s{next(self._ids)}"
+        self.scripts[sid] = script
+        return sid
+
+    async def start(self) -> None:
+        self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.5)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self.runner:
+            await self.runner.cleanup()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.requests.append({"method": request.method, "path": request.path_qs,
+                              "headers": dict(request.headers), "body": body})
+        sid = request.headers.get("X-Script", "")
+        script = self.scripts.get(sid)
+        if script is None:
+            return web.json_response({"error": {"message": "no script"}}, status=404)
+        resp = web.StreamResponse(status=script.status, headers=script.headers)
+        if script.content_length:
+            resp.content_length = sum(len(c) for c in script.chunks)
+        await resp.prepare(request)
+        try:
+            for i, chunk in enumerate(script.chunks):
+                if script.abort_after is not None and i == script.abort_after:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return resp
+                if script.stall_after is not None and i == script.stall_after:
+                    await asyncio.sleep(3600)
+                if script.delay:
+                    await asyncio.sleep(script.delay)
+                await resp.write(chunk)
+            await resp.write_eof()
+        except ConnectionError:
+            pass
+        finally:
+            self.finished.append(sid)
+        return resp
+
+
+@dataclass
+class Stack:
+    upstream: ScriptedUpstream
+    apps: Apps
+    running: Running
+    registry: CollectorRegistry
+    records: list[dict[str, Any]]
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.running.proxy_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.running.metrics_port}"
+
+    def value(self, name: str, **labels: str) -> float:
+        """Sum of a metric's samples matching the given labels (0 when absent)."""
+        total = 0.0
+        for family in self.registry.collect():
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    total += s.value
+        return total
+
+
+_TOKENIZERS = Tokenizers()
+
+
+@pytest.fixture(scope="session")
+def tokenizers() -> Tokenizers:
+    _TOKENIZERS.preload()
+    return _TOKENIZERS
+
+
+async def start_stack(tokenizers: Tokenizers, **overrides: Any) -> Stack:
+    upstream = ScriptedUpstream()
+    await upstream.start()
+    settings = Settings(upstream=upstream.url, listen=("127.0.0.1", 0),
+                        metrics_listen=("127.0.0.1", 0), **overrides)
+    registry = CollectorRegistry()
+    records: list[dict[str, Any]] = []
+    apps = make_app(settings, registry=registry, tokenizers=tokenizers,
+                    record_sink=records.append)
+    running = await start(apps, settings, shutdown_timeout=1.0)
+    return Stack(upstream, apps, running, registry, records)
+
+
+async def stop_stack(stack: Stack) -> None:
+    await stack.running.stop()
+    await stack.upstream.stop()
+
+
+StackFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def stack_factory(tokenizers: Tokenizers) -> AsyncIterator[StackFactory]:
+    made: list[Stack] = []
+
+    async def make(**overrides: Any) -> Stack:
+        s = await start_stack(tokenizers, **overrides)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        await stop_stack(s)
+
+
+@pytest.fixture
+async def stack(stack_factory: StackFactory) -> Stack:
+    result: Stack = await stack_factory()
+    return result
+
+
+def sse(*objs: Any, done: bool = True) -> bytes:
+    """An SSE body from JSON-able objects (as OpenAI sends them)."""
+    import orjson
+
+    out = b"".join(b"data: " + orjson.dumps(o) + b"\n\n" for o in objs)
+    return out + (b"data: [DONE]\n\n" if done else b"")
+
+
+def chat_chunks(text: str, size: int, model: str = "gpt-4o-mini",
+                usage: dict[str, Any] | None = None) -> bytes:
+    """A chat.completions stream carrying ``text`` in ``size``-character fragments."""
+    base = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 1,
+            "model": model}
+    objs: list[Any] = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant",
+                                                                   "content": ""},
+                                             "finish_reason": None}]}]
+    for i in range(0, len(text), size):
+        objs.append({**base, "choices": [{"index": 0, "delta": {"content": text[i:i + size]},
+                                          "finish_reason": None}]})
+    objs.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    if usage is not None:
+        objs.append({**base, "choices": [], "usage": usage})
+    return sse(*objs)
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(points) if b > a]

@@ -1,0 +1,176 @@
+"""The sans-IO SSE / NDJSON decoders: each case whole, byte by byte, and at random splits."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.frames import (
+    Frame,
+    FrameError,
+    NDJSONDecoder,
+    SSEDecoder,
+    decoder_for,
+)
+
+
+def decode(data: bytes, sizes: list[int] | None = None, cls: type = SSEDecoder,
+           **kw: int) -> list[object]:
+    dec = cls(**kw)
+    out: list[object] = []
+    if sizes is None:
+        out += dec.feed(data)
+    else:
+        pos = 0
+        i = 0
+        while pos < len(data):
+            n = max(1, sizes[i % len(sizes)]) if sizes else 1
+            out += dec.feed(data[pos:pos + n])
+            pos += n
+            i += 1
+    out += dec.close()
+    return out
+
+
+def all_ways(data: bytes, **kw: int) -> list[object]:
+    """Decode whole and one byte at a time; both must agree."""
+    whole = decode(data, **kw)
+    assert decode(data, [1], **kw) == whole
+    return whole
+
+
+def test_basic_events_and_fields() -> None:
+    data = b"event: add\nid: 7\nretry: 1500\ndata: hello\n\n: a comment\ndata: bye\n\n"
+    assert all_ways(data) == [
+        Frame(data=b"hello", event="add", id="7", retry=1500),
+        Frame(data=b"bye"),
+    ]
+
+
+def test_line_endings_lf_cr_crlf_are_equivalent() -> None:
+    expect = [Frame(data=b"a\nb", event="x"), Frame(data=b"c")]
+    for nl in (b"\n", b"\r", b"\r\n"):
+        body = nl.join([b"event: x", b"data: a", b"data: b", b"", b"data: c", b"", b""])
+        assert all_ways(body) == expect, nl
+
+
+def test_crlf_split_across_feeds_is_one_line_end() -> None:
+    dec = SSEDecoder()
+    out = dec.feed(b"data: a\r") + dec.feed(b"\n\r") + dec.feed(b"\ndata: b\r\n\r\n")
+    assert out == [Frame(data=b"a"), Frame(data=b"b")]
+
+
+def test_cr_at_end_dispatches_without_waiting_for_more() -> None:
+    dec = SSEDecoder()
+    assert dec.feed(b"data: now\r\r") == [Frame(data=b"now")]
+
+
+def test_leading_bom_stripped_even_when_split() -> None:
+    data = b"\xef\xbb\xbfdata: x\n\n"
+    assert all_ways(data) == [Frame(data=b"x")]
+    dec = SSEDecoder()
+    assert dec.feed(b"\xef") + dec.feed(b"\xbb") + dec.feed(b"\xbfdata: y\n\n") == [
+        Frame(data=b"y")]
+
+
+def test_value_space_rules() -> None:
+    # One leading space is removed, no more; a line without a colon is a field with empty value.
+    assert all_ways(b"data:  two\ndata\ndata:x\n\n") == [Frame(data=b" two\n\nx")]
+
+
+def test_nonstandard_fields_kept_for_dialects() -> None:
+    data = b'event: finish\ndata: done\nmeta: {"usage": {"total_tokens": 9}}\n\n'
+    assert all_ways(data) == [Frame(data=b"done", event="finish",
+                                    fields={"meta": '{"usage": {"total_tokens": 9}}'})]
+
+
+def test_utf8_split_mid_character_and_u2028_inside_line() -> None:
+    text = "data: 你好\u2028世界 🙂\n\n".encode()
+    assert all_ways(text) == [Frame(data="你好\u2028世界 🙂".encode())]
+
+
+def test_unterminated_last_event_is_dispatched_at_close() -> None:
+    assert all_ways(b"data: {\"a\":1}\n\ndata: [DONE]") == [
+        Frame(data=b'{"a":1}'), Frame(data=b"[DONE]")]
+
+
+def test_id_with_nul_ignored_and_bad_retry_ignored() -> None:
+    assert all_ways(b"id: a\x00b\nretry: 1x\ndata: z\n\n") == [Frame(data=b"z")]
+
+
+def test_frame_size_limit_reports_and_recovers() -> None:
+    big = b"data: " + b"x" * 200 + b"\n\n"
+    data = big + b"data: ok\n\n"
+    out = decode(data, max_frame_size=100)
+    assert out == [FrameError("frame exceeds the size limit"), Frame(data=b"ok")]
+    out = decode(data, [7], max_frame_size=100)
+    assert out == [FrameError("frame exceeds the size limit"), Frame(data=b"ok")]
+
+
+def test_many_data_lines_over_limit() -> None:
+    data = b"data: 0123456789\n" * 20 + b"\n" + b"data: ok\n\n"
+    assert decode(data, max_frame_size=100) == [FrameError("frame exceeds the size limit"),
+                                                Frame(data=b"ok")]
+
+
+EVENT = st.builds(
+    lambda ev, lines, extra: (ev, lines, extra),
+    st.one_of(st.none(), st.sampled_from(["add", "finish", "message_start", "ping"])),
+    st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n",
+                                            blacklist_categories=("Cs",)), max_size=20),
+             min_size=1, max_size=4),
+    st.booleans(),
+)
+
+
+@given(events=st.lists(EVENT, min_size=1, max_size=8),
+       nl=st.sampled_from(["\n", "\r", "\r\n"]),
+       sizes=st.lists(st.integers(1, 17), min_size=1, max_size=8),
+       bom=st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_same_frames_whatever_the_split(events: list[tuple[str | None, list[str], bool]],
+                                        nl: str, sizes: list[int], bom: bool) -> None:
+    parts = []
+    expect = []
+    for ev, lines, extra in events:
+        block = []
+        if ev:
+            block.append(f"event: {ev}")
+        block += [f"data: {line}" for line in lines]
+        fields = {}
+        if extra:
+            block.append("meta: m")
+            fields = {"meta": "m"}
+        parts.append(nl.join(block) + nl + nl)
+        expect.append(Frame(data="\n".join(lines).encode(), event=ev, fields=fields))
+    data = ("\ufeff" if bom else "").encode() + "".join(parts).encode()
+    assert decode(data) == expect
+    assert decode(data, sizes) == expect
+
+
+@given(data=st.binary(max_size=300), sizes=st.lists(st.integers(1, 9), min_size=1, max_size=5))
+@settings(max_examples=300, deadline=None)
+def test_any_bytes_never_raise_and_split_invariant(data: bytes, sizes: list[int]) -> None:
+    assert decode(data, sizes, max_frame_size=64) == decode(data, max_frame_size=64)
+    assert decode(data, sizes, NDJSONDecoder, max_frame_size=64) == decode(
+        data, cls=NDJSONDecoder, max_frame_size=64)
+
+
+def test_ndjson_lines_blank_lines_and_final_line_without_newline() -> None:
+    data = b'{"a":1}\n\n{"b":2}\r\n{"c":3}'
+    expect = [Frame(data=b'{"a":1}'), Frame(data=b'{"b":2}'), Frame(data=b'{"c":3}')]
+    assert decode(data, cls=NDJSONDecoder) == expect
+    assert decode(data, [1], cls=NDJSONDecoder) == expect
+
+
+def test_ndjson_size_limit() -> None:
+    data = b"x" * 50 + b"\n" + b'{"ok":1}\n'
+    assert decode(data, [3], cls=NDJSONDecoder, max_frame_size=20) == [
+        FrameError("frame exceeds the size limit"), Frame(data=b'{"ok":1}')]
+
+
+def test_decoder_for_content_types() -> None:
+    assert isinstance(decoder_for("text/event-stream; charset=utf-8"), SSEDecoder)
+    assert isinstance(decoder_for("application/x-ndjson"), NDJSONDecoder)
+    assert decoder_for("application/json") is None
+    assert decoder_for(None) is None
