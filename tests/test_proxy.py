@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import random
 
 import aiohttp
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from yarl import URL
 
 from sidecar.tokens import Tokenizers
@@ -19,6 +20,7 @@ KEY = "sk-test-secret-key-1234567890"
 TEXT = ("Streaming accounting has to be right even when a gateway re-chunks text into tiny "
         "fragments that split tokens, words and even multi-byte characters: 你好，世界！ "
         "It's the estimate at the end that must equal tiktoken's count. ") * 4
+_TOK = Tokenizers()
 USAGE = {"prompt_tokens": 21, "completion_tokens": 97, "total_tokens": 118,
          "prompt_tokens_details": {"cached_tokens": 5},
          "completion_tokens_details": {"reasoning_tokens": 0}}
@@ -96,16 +98,20 @@ async def test_live_counter_moves_while_stream_is_running(stack: Stack) -> None:
     assert stack.value("llm_streams_in_flight", model="gpt-4o-mini") == 0
 
 
-@pytest.mark.parametrize("seed", range(12))
-async def test_random_rechunking_keeps_bytes_and_accounting(stack: Stack, seed: int) -> None:
-    rng = random.Random(seed)
-    body = chat_chunks(TEXT, rng.choice([1, 3, 8]), usage=USAGE if seed % 2 else None)
-    cuts = [rng.randrange(len(body)) for _ in range(rng.randrange(1, 60))]
+@given(cuts=st.lists(st.integers(0, 10_000), max_size=60), frag=st.sampled_from([1, 3, 8]),
+       with_usage=st.booleans())
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+async def test_random_rechunking_keeps_bytes_and_accounting(
+        stack: Stack, cuts: list[int], frag: int, with_usage: bool) -> None:
+    body = chat_chunks(TEXT, frag, usage=USAGE if with_usage else None)
     sid = stack.upstream.add(Script(chunks=split_at(body, cuts)))
     status, _, got = await post(stack, sid, chat_body())
     assert status == 200 and got == body
-    out = stack.records[-1]["output_tokens"]
-    assert out == (97 if seed % 2 else Tokenizers().for_model("gpt-4o-mini").count(TEXT))
+    rec = stack.records[-1]
+    assert rec["request_id"] and rec["output_tokens"] == (
+        97 if with_usage else _TOK.for_model("gpt-4o-mini").count(TEXT))
+    assert rec["estimated_output_tokens"] == _TOK.for_model("gpt-4o-mini").count(TEXT)
 
 
 async def test_non_streaming_body_is_forwarded_and_settled(stack: Stack) -> None:
@@ -259,3 +265,34 @@ async def test_metrics_port_serves_health_and_proxy_port_does_not(stack: Stack) 
             # Forwarded to the upstream like any other path (which has no script for it).
             assert r.status == 404
     assert stack.upstream.requests[-1]["path"] == "/healthz"
+
+
+async def test_drain_mode_reads_usage_after_client_disconnect(
+        stack_factory: StackFactory) -> None:
+    stack = await stack_factory(client_disconnect="drain", drain_timeout=5.0)
+    words = [sse({"model": "gpt-4o-mini", "choices": [
+        {"index": 0, "delta": {"content": "word "}}]}, done=False)] * 60
+    usage = sse({"model": "gpt-4o-mini", "choices": [], "usage": USAGE})
+    sid = stack.upstream.add(Script(chunks=[*words, usage], delay=0.01))
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(stack.proxy_url + "/v1/chat/completions", data=chat_body(),
+                                  headers={"X-Script": sid})
+        await resp.content.read(100)
+        resp.close()
+    for _ in range(300):
+        if stack.records:
+            break
+        await asyncio.sleep(0.02)
+    rec = stack.records[-1]
+    assert rec["outcome"] == "client_disconnected"
+    assert rec["output_source"] == "reported" and rec["output_tokens"] == 97
+    assert sid in stack.upstream.finished
+
+
+async def test_huge_chunk_is_metered_off_loop_and_passed_through(stack: Stack) -> None:
+    text = "lorem ipsum dolor sit amet " * 8000  # one 200+ KB frame
+    body = chat_chunks(text, len(text))
+    sid = stack.upstream.add(Script(chunks=[body]))
+    status, _, got = await post(stack, sid, chat_body())
+    assert status == 200 and got == body
+    assert stack.records[-1]["output_tokens"] == _TOK.for_model("gpt-4o-mini").count(text)
