@@ -127,6 +127,15 @@ class Stack:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.running.metrics_port}"
 
+    async def wait_record(self, within: float = 6.0) -> dict[str, Any]:
+        """The newest request record, waiting for the request to settle if need be."""
+        deadline = asyncio.get_running_loop().time() + within
+        while not self.records:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError("no request record was written")
+            await asyncio.sleep(0.02)
+        return self.records[-1]
+
     def value(self, name: str, **labels: str) -> float:
         """Sum of a metric's samples matching the given labels (0 when absent)."""
         total = 0.0

@@ -190,10 +190,7 @@ async def test_client_disconnect_mid_stream_is_settled(stack: Stack) -> None:
                                   headers={"X-Script": sid})
         await resp.content.read(200)
         resp.close()  # drop the connection mid-stream
-    for _ in range(200):
-        if stack.records:
-            break
-        await asyncio.sleep(0.02)
+    await stack.wait_record()
     rec = stack.records[-1]
     assert rec["outcome"] == "client_disconnected"
     assert rec["output_source"] == "estimated" and rec["output_tokens"] > 0
@@ -207,10 +204,7 @@ async def test_upstream_abort_mid_stream_is_upstream_error(stack: Stack) -> None
     sid = stack.upstream.add(Script(chunks=parts, abort_after=2))
     with pytest.raises(aiohttp.ClientPayloadError):
         await post(stack, sid, chat_body())
-    for _ in range(100):
-        if stack.records:
-            break
-        await asyncio.sleep(0.02)
+    await stack.wait_record()
     assert stack.records[-1]["outcome"] == "upstream_error"
     assert stack.records[-1]["output_tokens"] > 0
 
@@ -221,10 +215,7 @@ async def test_idle_upstream_times_out(stack_factory: StackFactory) -> None:
     sid = stack.upstream.add(Script(chunks=split_at(body, [300]), stall_after=1))
     with pytest.raises(aiohttp.ClientPayloadError):
         await post(stack, sid, chat_body())
-    for _ in range(100):
-        if stack.records:
-            break
-        await asyncio.sleep(0.02)
+    await stack.wait_record()
     assert stack.records[-1]["outcome"] == "timeout"
 
 
@@ -279,10 +270,7 @@ async def test_drain_mode_reads_usage_after_client_disconnect(
                                   headers={"X-Script": sid})
         await resp.content.read(100)
         resp.close()
-    for _ in range(300):
-        if stack.records:
-            break
-        await asyncio.sleep(0.02)
+    await stack.wait_record()
     rec = stack.records[-1]
     assert rec["outcome"] == "client_disconnected"
     assert rec["output_source"] == "reported" and rec["output_tokens"] == 97
