@@ -24,7 +24,6 @@ from prometheus_client import (
 
 from .attribution import Attributor
 from .config import Settings
-from .dialects import get_dialect
 from .metrics import Metrics
 from .proxy import Proxy, RecordSink
 from .tokens import Tokenizers, encoding_source
@@ -109,7 +108,6 @@ def make_app(
         metrics=metrics,
         tokenizers=tokenizers,
         attributor=Attributor(settings.keys, settings.team_header, settings.key_hash_secret),
-        dialect=get_dialect(settings.dialect),
         record_sink=record_sink,
         clock=clock,
     )

@@ -55,13 +55,27 @@ class KeyEntry:
     team: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Requests whose path starts with ``prefix`` go to ``upstream``."""
+
+    prefix: str
+    upstream: str
+    dialect: str = "auto"  # or a dialect name: detection is skipped
+    provider: str | None = None  # label; derived from the upstream host or dialect when None
+    strip_prefix: bool = True
+    include_usage: bool = False
+
+
 @dataclass(slots=True)
 class Settings:
     upstream: str = ""
     listen: tuple[str, int] = ("0.0.0.0", 8080)
     metrics_listen: tuple[str, int] = ("0.0.0.0", 9464)
-    provider: str = "openai"
-    dialect: str = "openai"
+    provider: str | None = None
+    dialect: str = "auto"
+    include_usage: bool = False
+    routes: tuple[Route, ...] = ()
     connect_timeout: float = 10.0
     read_timeout: float = 300.0
     max_request_body: int = 32 * 1024 * 1024
@@ -134,6 +148,26 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return check
 
 
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _dialect(value: Any) -> str:
+    from .dialects import AUTO, DIALECTS
+
+    v = str(value).strip().lower()
+    if v != AUTO and v not in DIALECTS:
+        raise ValueError(f"expected auto or one of {', '.join(sorted(DIALECTS))}")
+    return v
+
+
 def _label(value: Any) -> str:
     v = str(value).strip()
     if not v:
@@ -160,9 +194,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics_listen", "metrics_listen", "SIDECAR_METRICS_LISTEN", parse_hostport,
            "metrics/health address HOST:PORT (default 0.0.0.0:9464)"),
     Option("provider", "provider", "SIDECAR_PROVIDER", _label,
-           "value of the 'provider' label (default openai)"),
-    Option("dialect", "dialect", "SIDECAR_DIALECT", _choice("openai"),
-           "wire format of the upstream (default openai)"),
+           "value of the 'provider' label for --upstream (default: from the upstream host or "
+           "the detected format)"),
+    Option("dialect", "dialect", "SIDECAR_DIALECT", lambda v: _dialect(v),
+           "wire format of --upstream: auto (detect per request) or a dialect name"),
+    Option("include_usage", "include_usage", "SIDECAR_INCLUDE_USAGE", lambda v: _bool(v),
+           "add stream_options.include_usage to OpenAI-format streams of --upstream and hide "
+           "the extra usage chunk from clients that did not ask for it (default false)"),
     Option("connect_timeout", "timeouts.connect", "SIDECAR_CONNECT_TIMEOUT", _positive_float,
            "seconds to connect to the upstream (default 10)"),
     Option("read_timeout", "timeouts.read", "SIDECAR_READ_TIMEOUT", _positive_float,
@@ -238,6 +276,56 @@ def _parse_keys(raw: Any, problems: list[str]) -> tuple[KeyEntry, ...]:
     return tuple(out)
 
 
+def _parse_routes(raw: Any, problems: list[str]) -> tuple[Route, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.append("routes: expected a list of {prefix, upstream, dialect?, provider?}")
+        return ()
+    out = []
+    seen: set[str] = set()
+    for i, entry in enumerate(raw):
+        where = f"routes[{i}]"
+        if not isinstance(entry, Mapping):
+            problems.append(f"{where}: expected a mapping with prefix and upstream")
+            continue
+        unknown = set(entry) - {"prefix", "upstream", "dialect", "provider", "strip_prefix",
+                                "include_usage"}
+        if unknown:
+            problems.append(f"{where}: unknown keys {sorted(unknown)} (known: prefix, upstream, "
+                            "dialect, provider, strip_prefix, include_usage)")
+        prefix = str(entry.get("prefix", "")).strip()
+        if not prefix.startswith("/"):
+            problems.append(f"{where}.prefix: must start with '/', e.g. /anthropic")
+            continue
+        if prefix in seen:
+            problems.append(f"{where}.prefix: {prefix} is used by an earlier route")
+        seen.add(prefix)
+        kwargs: dict[str, Any] = {"prefix": prefix.rstrip("/") or "/"}
+        for key, parse in (("upstream", _url), ("dialect", _dialect), ("provider", _label),
+                           ("strip_prefix", _bool), ("include_usage", _bool)):
+            if entry.get(key) is None:
+                if key == "upstream":
+                    problems.append(f"{where}.upstream: required, the URL this prefix goes to")
+                continue
+            try:
+                kwargs[key] = parse(entry[key])
+            except ValueError as exc:
+                problems.append(f"{where}.{key}: {entry[key]!r} is invalid: {exc}")
+        if "upstream" in kwargs:
+            out.append(Route(**kwargs))
+    return tuple(out)
+
+
+def all_routes(settings: Settings) -> list[Route]:
+    """Configured routes, plus --upstream as the catch-all; longest prefix first."""
+    routes = list(settings.routes)
+    if settings.upstream and not any(r.prefix == "/" for r in routes):
+        routes.append(Route("/", settings.upstream, settings.dialect, settings.provider,
+                            strip_prefix=False, include_usage=settings.include_usage))
+    return sorted(routes, key=lambda r: -len(r.prefix))
+
+
 def load_settings(
     file: str | None = None,
     env: Mapping[str, str] | None = None,
@@ -263,8 +351,9 @@ def load_settings(
             raise ConfigError([f"config: {file} must hold a mapping at the top level"])
         tree = loaded
         for key in tree:
-            if key not in _KNOWN_TOP and key not in ("prices", "budgets", "routes"):
-                problems.append(f"{key}: unknown key (known: {', '.join(sorted(_KNOWN_TOP))})")
+            if key not in _KNOWN_TOP and key != "routes":
+                problems.append(
+                    f"{key}: unknown key (known: {', '.join(sorted(_KNOWN_TOP | {'routes'}))})")
 
     settings = Settings(config_file=file)
     for opt in OPTIONS:
@@ -285,9 +374,11 @@ def load_settings(
 
     found, raw_keys = _lookup(tree, "attribution.keys")
     settings.keys = _parse_keys(raw_keys if found else None, problems)
-    if not settings.upstream:
+    settings.routes = _parse_routes(tree.get("routes"), problems)
+    if not settings.upstream and not settings.routes:
         problems.append(
-            "upstream: required (fix: --upstream URL, SIDECAR_UPSTREAM, or 'upstream:' in the file)"
+            "upstream: required (fix: --upstream URL, SIDECAR_UPSTREAM, 'upstream:' or "
+            "'routes:' in the file)"
         )
     if problems:
         raise ConfigError(problems)

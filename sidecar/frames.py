@@ -7,6 +7,7 @@ same list, so the caller can count them while the stream passes untouched.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 # A frame larger than this is dropped (and reported) instead of buffered: one runaway event must
@@ -228,15 +229,186 @@ class NDJSONDecoder:
             out.append(Frame(data=line))
 
 
-Decoder = SSEDecoder | NDJSONDecoder
+class JSONArrayDecoder:
+    """Incremental splitter for a streamed top-level JSON array (Gemini without ``alt=sse``).
+
+    Emits each top-level element's bytes as a frame as soon as its closing brace arrives. Tracks
+    only nesting depth and string/escape state, so the cost is one pass over the bytes.
+    """
+
+    __slots__ = ("_buf", "_depth", "_dropping", "_escape", "_in_str", "_max", "_scan", "_start",
+                 "_started")
+
+    def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+        self._max = max_frame_size
+        self._buf = b""
+        self._scan = 0  # bytes of _buf already scanned
+        self._start = -1  # where the current element starts in _buf
+        self._depth = 0
+        self._in_str = False
+        self._escape = False
+        self._started = False  # seen the opening "["
+        self._dropping = False
+
+    def feed(self, chunk: bytes) -> list[Item]:
+        out: list[Item] = []
+        buf = self._buf + chunk
+        i = self._scan
+        n = len(buf)
+        depth, in_str, escape, start = self._depth, self._in_str, self._escape, self._start
+        while i < n:
+            c = buf[i]
+            if in_str:
+                if escape:
+                    escape = False
+                elif c == 0x5C:  # backslash
+                    escape = True
+                elif c == 0x22:
+                    in_str = False
+            elif c == 0x22:
+                in_str = True  # bare strings or numbers as elements carry no usage: skipped
+            elif c in (0x7B, 0x5B):  # { [
+                if not self._started and c == 0x5B:
+                    self._started = True
+                    depth = 1
+                else:
+                    if depth == 1 and start < 0:
+                        start = i
+                    depth += 1
+            elif c in (0x7D, 0x5D):  # } ]
+                depth -= 1
+                if depth == 1 and start >= 0:
+                    if self._dropping:
+                        self._dropping = False
+                    else:
+                        out.append(Frame(data=buf[start:i + 1]))
+                    start = -1
+                elif depth <= 0:
+                    depth = 0
+                    self._started = False
+            i += 1
+        # Keep only the unfinished element; everything before it is done with.
+        keep = start if start >= 0 else n
+        self._buf = buf[keep:]
+        self._scan = n - keep
+        self._start = 0 if start >= 0 else -1
+        self._depth, self._in_str, self._escape = depth, in_str, escape
+        if len(self._buf) > self._max:
+            if not self._dropping:
+                out.append(FrameError("frame exceeds the size limit"))
+            self._dropping = True
+            self._buf = b""
+            self._scan = 0
+            self._start = 0
+        return out
+
+    def close(self) -> list[Item]:
+        if self._buf.strip() and self._start >= 0 and not self._dropping:
+            return [FrameError("stream ended inside a JSON element")]
+        return []
 
 
-def decoder_for(content_type: str | None, max_frame_size: int = MAX_FRAME_SIZE) -> Decoder | None:
-    """The decoder for a response content type, or None for a plain (non-streamed) body."""
+class EventStreamDecoder:
+    """AWS binary event-stream (Bedrock ConverseStream): length-prefixed messages with headers.
+
+    Each message: total length (4), headers length (4), prelude CRC (4), headers, payload,
+    message CRC (4). ``event`` is the ``:event-type`` (or ``:exception-type``) header.
+    """
+
+    __slots__ = ("_broken", "_buf", "_max")
+
+    def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+        self._max = max_frame_size
+        self._buf = b""
+        self._broken = False  # framing lost: nothing after it can be trusted
+
+    def feed(self, chunk: bytes) -> list[Item]:
+        out: list[Item] = []
+        if self._broken:
+            return out
+        buf = self._buf + chunk
+        pos = 0
+        while len(buf) - pos >= 12:
+            total = int.from_bytes(buf[pos:pos + 4], "big")
+            hlen = int.from_bytes(buf[pos + 4:pos + 8], "big")
+            if total < 16 or hlen > total - 16 or total > self._max:
+                out.append(FrameError("invalid event-stream prelude"))
+                self._broken = True
+                pos = len(buf)
+                break
+            if zlib.crc32(buf[pos:pos + 8]) != int.from_bytes(buf[pos + 8:pos + 12], "big"):
+                out.append(FrameError("event-stream prelude CRC mismatch"))
+                self._broken = True
+                pos = len(buf)
+                break
+            if len(buf) - pos < total:
+                break
+            msg = buf[pos:pos + total]
+            pos += total
+            if zlib.crc32(msg[:-4]) != int.from_bytes(msg[-4:], "big"):
+                out.append(FrameError("event-stream message CRC mismatch"))
+                continue
+            headers = _eventstream_headers(msg[12:12 + hlen])
+            if headers is None:
+                out.append(FrameError("invalid event-stream headers"))
+                continue
+            event = headers.get(":event-type") or headers.get(":exception-type")
+            out.append(Frame(data=msg[12 + hlen:-4], event=event, fields=headers))
+        self._buf = buf[pos:]
+        return out
+
+    def close(self) -> list[Item]:
+        if self._buf:
+            self._buf = b""
+            return [FrameError("stream ended inside an event-stream message")]
+        return []
+
+
+def _eventstream_headers(raw: bytes) -> dict[str, str] | None:
+    """Header name -> value for string headers (type 7); other types are skipped by size."""
+    out: dict[str, str] = {}
+    i = 0
+    sizes = {0: 0, 1: 0, 2: 1, 3: 2, 4: 4, 5: 8, 8: 8, 9: 16}
+    try:
+        while i < len(raw):
+            nlen = raw[i]
+            name = raw[i + 1:i + 1 + nlen].decode("utf-8", "replace")
+            i += 1 + nlen
+            kind = raw[i]
+            i += 1
+            if kind in (6, 7):
+                vlen = int.from_bytes(raw[i:i + 2], "big")
+                if kind == 7:
+                    out[name] = raw[i + 2:i + 2 + vlen].decode("utf-8", "replace")
+                i += 2 + vlen
+            elif kind in sizes:
+                i += sizes[kind]
+            else:
+                return None
+    except IndexError:
+        return None
+    return out if i == len(raw) else None
+
+
+Decoder = SSEDecoder | NDJSONDecoder | JSONArrayDecoder | EventStreamDecoder
+
+_NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl",
+                 "application/jsonlines", "application/x-jsonlines")
+
+
+def decoder_for(content_type: str | None, max_frame_size: int = MAX_FRAME_SIZE, *,
+                json_stream: bool = False) -> Decoder | None:
+    """The decoder for a response content type, or None for a plain (non-streamed) body.
+
+    ``json_stream``: the dialect knows this JSON response is a streamed array of chunks.
+    """
     ct = (content_type or "").split(";", 1)[0].strip().lower()
     if ct == "text/event-stream":
         return SSEDecoder(max_frame_size)
-    if ct in ("application/x-ndjson", "application/ndjson", "application/jsonl",
-              "application/jsonlines", "application/x-jsonlines"):
+    if ct in _NDJSON_TYPES:
         return NDJSONDecoder(max_frame_size)
+    if ct == "application/vnd.amazon.eventstream":
+        return EventStreamDecoder(max_frame_size)
+    if json_stream and ct in ("application/json", "text/plain", ""):
+        return JSONArrayDecoder(max_frame_size)
     return None

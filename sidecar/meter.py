@@ -124,7 +124,7 @@ class Meter:
             self._undecodable = True
             self.malformed(f"content-encoding {enc!r} is not decoded by the meter")
         kwargs = {} if self._max_frame_size is None else {"max_frame_size": self._max_frame_size}
-        self._decoder = decoder_for(content_type, **kwargs)
+        self._decoder = decoder_for(content_type, json_stream=self.info.json_stream, **kwargs)
         if self._decoder is not None:
             self.streamed = True
             self._parser = self.dialect.stream_parser(self)
@@ -225,6 +225,8 @@ class Meter:
 
     def settle(self) -> Settlement:
         r = self.reported
+        if self.info.embeddings and r.output is None and not self._counters:
+            r.output = 0  # nothing is generated: zero output is a fact, not an estimate
         est_out = self.estimated_output
         reasoning: int | None
         if r.reasoning is not None:

@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -20,12 +21,12 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .attribution import Attributor
-from .config import Settings
-from .dialects import Dialect
-from .dialects.base import RequestInfo
+from .config import Settings, all_routes
+from .dialects import AUTO, detect, get_dialect, provider_for
 from .meter import Meter, Settlement
 from .metrics import Metrics
 from .tokens import Tokenizers
+from .usage_inject import UsageChunkFilter, inject
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -63,6 +64,34 @@ def error_body(message: str, kind: str) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": kind, "code": None}})
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A configured route, resolved: where its requests go and how they are read."""
+
+    prefix: str
+    url: URL
+    dialect: str  # "auto" or a dialect name
+    provider: str | None
+    strip_prefix: bool
+    include_usage: bool
+
+    def matches(self, path: str) -> bool:
+        p = self.prefix
+        return p == "/" or path == p or path.startswith(p + "/")
+
+    def upstream_url(self, raw_path: str) -> URL:
+        if self.strip_prefix and self.prefix != "/":
+            raw_path = raw_path[len(self.prefix):] or "/"
+            if not raw_path.startswith("/"):
+                raw_path = "/" + raw_path
+        return URL(str(self.url).rstrip("/") + raw_path, encoded=True)
+
+
+def targets(settings: Settings) -> list[Target]:
+    return [Target(r.prefix, URL(r.upstream), r.dialect, r.provider, r.strip_prefix,
+                   r.include_usage) for r in all_routes(settings)]
+
+
 class Proxy:
     """Request handler; one per app. Everything it uses is injected."""
 
@@ -73,7 +102,6 @@ class Proxy:
         metrics: Metrics,
         tokenizers: Tokenizers,
         attributor: Attributor,
-        dialect: Dialect,
         record_sink: RecordSink,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -82,10 +110,15 @@ class Proxy:
         self.metrics = metrics
         self.tokenizers = tokenizers
         self.attributor = attributor
-        self.dialect = dialect
         self.record = record_sink
         self.clock = clock
-        self.upstream = URL(settings.upstream)
+        self.targets = targets(settings)
+
+    def route(self, path: str) -> Target | None:
+        for t in self.targets:
+            if t.matches(path):
+                return t
+        return None
 
     async def _read_body(self, request: web.Request) -> bytes | None:
         limit = self.settings.max_request_body
@@ -100,16 +133,17 @@ class Proxy:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _target(self, request: web.Request) -> URL:
-        base = str(self.upstream)
-        return URL(base.rstrip("/") + request.raw_path, encoded=True)
-
     async def handle(self, request: web.Request) -> web.StreamResponse:
         t0 = self.clock()
         if request.method == "CONNECT" or not request.raw_path.startswith("/"):
             return web.Response(status=400, content_type="application/json",
                                 body=error_body("absolute-URI and CONNECT requests are refused; "
                                                 "this is not an open proxy", "invalid_request"))
+        target = self.route(request.path)
+        if target is None:
+            return web.Response(status=404, content_type="application/json",
+                                body=error_body(f"no route for {request.path}",
+                                                "invalid_request"))
         body = await self._read_body(request)
         if body is None:
             return web.Response(
@@ -119,15 +153,24 @@ class Proxy:
                                 "request_too_large"))
 
         m = self.metrics
-        provider = self.settings.provider
+        dialect_name = (detect(request.path, dict(request.headers))
+                        if target.dialect == AUTO else target.dialect)
+        dialect = get_dialect(dialect_name)
+        provider = target.provider or provider_for(dialect_name, target.url.host)
         ident = self.attributor.identify(request.headers, request.query_string)
         key, team = m.cap_key(ident.key), m.cap_team(ident.team)
-        info = self.dialect.parse_request(request.path, body) if body else RequestInfo()
+        info = dialect.parse_request(request.path, request.query_string, body)
         tokenizer = self.tokenizers.for_model(info.model)
-        meter = Meter(self.dialect, info, tokenizer, self.clock,
+        meter = Meter(dialect, info, tokenizer, self.clock,
                       max_frame_size=self.settings.max_frame_size)
-        model = m.model_label(info.model) if info.model else None
+        model = m.model_label(info.model)
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        usage_filter: UsageChunkFilter | None = None
+        if target.include_usage and dialect_name == "openai":
+            injected = inject(info.body)
+            if injected is not None:
+                body = injected
+                usage_filter = UsageChunkFilter()
 
         loop = asyncio.get_running_loop()
         estimate: asyncio.Future[int] | None = None
@@ -140,30 +183,31 @@ class Proxy:
         headers = _forward_headers(request.headers)
         skip = [h for h in ("User-Agent", "Accept-Encoding", "Content-Type")
                 if h not in request.headers]
-        state = _Exchange(request_id, request, info.stream, t0, key, team)
+        if usage_filter is not None:
+            # The meter must be able to read what it filters: ask for an uncompressed stream.
+            headers.popall("Accept-Encoding", None)
+        state = _Exchange(request_id, request, info.stream, t0, key, team, provider, model)
         try:
             up = await self._session().request(
-                request.method, self._target(request), headers=headers,
+                request.method, target.upstream_url(request.raw_path), headers=headers,
                 data=body if body else None, allow_redirects=False, skip_auto_headers=skip)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             timed_out = isinstance(exc, TimeoutError)
             if estimate is not None:
                 await estimate
-            model = model or m.model_label(None)
-            self._live_input(meter, provider, model, key, team)
+            self._live_input(meter, state)
             state.status = 504 if timed_out else 502
             state.outcome = OUTCOME_TIMEOUT if timed_out else OUTCOME_UPSTREAM_ERROR
             state.error = f"upstream {'timed out' if timed_out else 'unreachable'}: " \
                           f"{type(exc).__name__}"
-            self._finish(meter, state, provider, model, key, team)
+            self._finish(meter, state)
             return web.Response(status=state.status, content_type="application/json",
                                 body=error_body(state.error, "upstream_error"))
 
         if estimate is not None:
             await estimate
         state.status = up.status
-        model = model or m.model_label(None)
-        self._live_input(meter, provider, model, key, team)
+        self._live_input(meter, state)
         meter.start_response(up.headers.get("Content-Type"), up.headers.get("Content-Encoding"))
         resp = web.StreamResponse(status=up.status, reason=up.reason)
         for name, value in up.headers.items():
@@ -171,12 +215,14 @@ class Proxy:
                 resp.headers.add(name, value)
         if up.content_length is not None and "Content-Length" in up.headers:
             resp.content_length = up.content_length
+        if usage_filter is not None and not meter.streamed:
+            usage_filter = None
         streamed = meter.streamed
         if streamed:
             m.in_flight.labels(provider, model).inc()
         live = m.live_tokens.labels(provider, model, "output", key, team)
         try:
-            await self._relay(request, resp, up, meter, live, state)
+            await self._relay(request, resp, up, meter, live, state, usage_filter)
         finally:
             if streamed:
                 m.in_flight.labels(provider, model).dec()
@@ -188,7 +234,7 @@ class Proxy:
             n = meter.take_live()
             if n:
                 live.inc(n)
-            self._finish(meter, state, provider, model, key, team)
+            self._finish(meter, state)
         if state.abort and request.transport is not None:
             # The upstream broke mid-body: end the client's connection the same way rather
             # than sending a clean end of body the upstream never sent.
@@ -197,7 +243,7 @@ class Proxy:
 
     async def _relay(self, request: web.Request, resp: web.StreamResponse,
                      up: aiohttp.ClientResponse, meter: Meter, live: Any,
-                     state: _Exchange) -> None:
+                     state: _Exchange, usage_filter: UsageChunkFilter | None) -> None:
         loop = asyncio.get_running_loop()
         client_ok = True
         drain_deadline: float | None = None
@@ -213,7 +259,8 @@ class Proxy:
             async for chunk in up.content.iter_any():
                 if client_ok:
                     try:
-                        await resp.write(chunk)
+                        await resp.write(chunk if usage_filter is None
+                                         else usage_filter.feed(chunk))
                     except (ConnectionError, RuntimeError):
                         client_ok = False
                         state.outcome = OUTCOME_CLIENT_DISCONNECTED
@@ -232,6 +279,8 @@ class Proxy:
                     return
             if client_ok:
                 try:
+                    if usage_filter is not None:
+                        await resp.write(usage_filter.close())
                     await resp.write_eof()
                 except (ConnectionError, RuntimeError):
                     state.outcome = OUTCOME_CLIENT_DISCONNECTED
@@ -247,13 +296,13 @@ class Proxy:
             state.error = f"upstream broke mid-body: {type(exc).__name__}"
             state.abort = client_ok
 
-    def _live_input(self, meter: Meter, provider: str, model: str, key: str, team: str) -> None:
+    def _live_input(self, meter: Meter, st: _Exchange) -> None:
         if meter.prompt_estimate:
-            self.metrics.live_tokens.labels(provider, model, "input", key, team).inc(
+            self.metrics.live_tokens.labels(st.provider, st.model, "input", st.key, st.team).inc(
                 meter.prompt_estimate)
 
-    def _finish(self, meter: Meter, state: _Exchange, provider: str, model: str,
-                key: str, team: str) -> None:
+    def _finish(self, meter: Meter, state: _Exchange) -> None:
+        provider, model, key, team = state.provider, state.model, state.key, state.team
         end = self.clock()
         s = meter.settle()
         outcome = state.outcome or OUTCOME_COMPLETED
@@ -272,20 +321,22 @@ class Proxy:
             if s.output_tokens > 1:
                 m.tpot.labels(provider, model).observe(
                     (end - s.first_token_at) / (s.output_tokens - 1))
-        self.record(_record(state, s, outcome, provider, model, duration, ttft, meter.streamed))
+        self.record(_record(state, s, outcome, duration, ttft, meter.streamed))
 
 
 class _Exchange:
     """Mutable facts about one request/response exchange, filled in as it goes."""
 
-    __slots__ = ("abort", "error", "key", "method", "outcome", "path", "request_id", "status",
-                 "stream_requested", "t0", "team")
+    __slots__ = ("abort", "error", "key", "method", "model", "outcome", "path", "provider",
+                 "request_id", "status", "stream_requested", "t0", "team")
 
     def __init__(self, request_id: str, request: web.Request, stream: bool, t0: float,
-                 key: str, team: str) -> None:
+                 key: str, team: str, provider: str, model: str) -> None:
         self.request_id = request_id
         self.key = key
         self.team = team
+        self.provider = provider
+        self.model = model
         self.method = request.method
         self.path = request.path  # no query string: it may carry a key (?key=...)
         self.stream_requested = stream
@@ -296,14 +347,14 @@ class _Exchange:
         self.abort = False
 
 
-def _record(state: _Exchange, s: Settlement, outcome: str, provider: str, model: str,
-            duration: float, ttft: float | None, streamed: bool) -> dict[str, Any]:
+def _record(state: _Exchange, s: Settlement, outcome: str, duration: float,
+            ttft: float | None, streamed: bool) -> dict[str, Any]:
     return {
         "request_id": state.request_id,
         "method": state.method,
         "path": state.path,
-        "provider": provider,
-        "model": model,
+        "provider": state.provider,
+        "model": state.model,
         "response_model": s.model,
         "key": state.key,
         "team": state.team,

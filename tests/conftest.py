@@ -158,8 +158,9 @@ def tokenizers() -> Tokenizers:
 async def start_stack(tokenizers: Tokenizers, **overrides: Any) -> Stack:
     upstream = ScriptedUpstream()
     await upstream.start()
-    settings = Settings(upstream=upstream.url, listen=("127.0.0.1", 0),
-                        metrics_listen=("127.0.0.1", 0), **overrides)
+    fields: dict[str, Any] = {"upstream": upstream.url, "listen": ("127.0.0.1", 0),
+                              "metrics_listen": ("127.0.0.1", 0), **overrides}
+    settings = Settings(**fields)
     registry = CollectorRegistry()
     records: list[dict[str, Any]] = []
     apps = make_app(settings, registry=registry, tokenizers=tokenizers,

@@ -110,10 +110,14 @@ def test_non_streaming_body() -> None:
 
 def test_parse_request() -> None:
     d = OpenAIDialect()
-    info = d.parse_request("/v1/chat/completions", b'{"model": "gpt-4o", "stream": true}')
+    info = d.parse_request("/v1/chat/completions", "", b'{"model": "gpt-4o", "stream": true}')
     assert (info.model, info.stream) == ("gpt-4o", True)
-    assert d.parse_request("/", b"not json").model is None
-    assert d.parse_request("/", b"[1]").body is None
+    assert d.parse_request("/", "", b"not json").model is None
+    assert d.parse_request("/", "", b"[1]").body is None
+    azure = d.parse_request("/openai/deployments/my-gpt4o/chat/completions",
+                            "api-version=2024-06-01", b'{"messages": []}')
+    assert azure.model == "my-gpt4o"
+    assert d.parse_request("/v1/embeddings", "", b'{"input": "x"}').embeddings
 
 
 def _cookbook_chat_cases() -> list[Any]:
@@ -148,6 +152,6 @@ def test_prompt_formula_matches_published_api_counts(tokenizers: Tokenizers, mes
                                             ([1, 2, 3], 3), ([[1, 2], [3]], 3)])
 def test_legacy_prompt(tokenizers: Tokenizers, prompt: Any, expect: int) -> None:
     d = OpenAIDialect()
-    info = d.parse_request("/v1/completions", orjson.dumps({"model": "gpt-3.5-turbo-instruct",
+    info = d.parse_request("/v1/completions", "", orjson.dumps({"model": "gpt-3.5-turbo-instruct",
                                                             "prompt": prompt}))
     assert d.estimate_prompt(info, tokenizers.for_model(info.model)) == expect

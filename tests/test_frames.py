@@ -6,8 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.frames import (
+    EventStreamDecoder,
     Frame,
     FrameError,
+    JSONArrayDecoder,
     NDJSONDecoder,
     SSEDecoder,
     decoder_for,
@@ -174,3 +176,61 @@ def test_decoder_for_content_types() -> None:
     assert isinstance(decoder_for("application/x-ndjson"), NDJSONDecoder)
     assert decoder_for("application/json") is None
     assert decoder_for(None) is None
+
+
+def _eventstream_message(event: str, payload: bytes) -> bytes:
+    import zlib
+
+    def header(name: str, value: str) -> bytes:
+        n, v = name.encode(), value.encode()
+        return bytes([len(n)]) + n + b"\x07" + len(v).to_bytes(2, "big") + v
+
+    headers = header(":event-type", event) + header(":message-type", "event")
+    total = 12 + len(headers) + len(payload) + 4
+    prelude = total.to_bytes(4, "big") + len(headers).to_bytes(4, "big")
+    prelude += zlib.crc32(prelude).to_bytes(4, "big")
+    body = prelude + headers + payload
+    return body + zlib.crc32(body).to_bytes(4, "big")
+
+
+def test_json_array_stream_elements_whatever_the_split() -> None:
+    data = b'[{"a": "x}]", "b": [1, {"c": 2}]}\r\n,\r\n{"d": "\\"}"}\n]'
+    expect = [Frame(data=b'{"a": "x}]", "b": [1, {"c": 2}]}'), Frame(data=b'{"d": "\\"}"}')]
+    assert decode(data, cls=JSONArrayDecoder) == expect
+    assert decode(data, [1], cls=JSONArrayDecoder) == expect
+    assert decode(data, [3, 5], cls=JSONArrayDecoder) == expect
+
+
+def test_json_array_truncated_and_oversized() -> None:
+    assert decode(b'[{"a": 1}, {"b":', cls=JSONArrayDecoder) == [
+        Frame(data=b'{"a": 1}'), FrameError("stream ended inside a JSON element")]
+    big = b'[{"x": "' + b"y" * 100 + b'"}, {"ok": 1}]'
+    assert decode(big, [10], cls=JSONArrayDecoder, max_frame_size=50) == [
+        FrameError("frame exceeds the size limit"), Frame(data=b'{"ok": 1}')]
+
+
+def test_eventstream_messages_and_corruption() -> None:
+    a = _eventstream_message("contentBlockDelta", b'{"delta":{"text":"hi"}}')
+    b = _eventstream_message("metadata", b'{"usage":{"inputTokens":1}}')
+    out = decode(a + b, [5], cls=EventStreamDecoder)
+    assert [(f.event, f.data) for f in out if isinstance(f, Frame)] == [
+        ("contentBlockDelta", b'{"delta":{"text":"hi"}}'),
+        ("metadata", b'{"usage":{"inputTokens":1}}')]
+    bad = a[:-1] + bytes([a[-1] ^ 1]) + b
+    assert decode(bad, cls=EventStreamDecoder)[0] == FrameError(
+        "event-stream message CRC mismatch")
+    assert decode(a[:20], cls=EventStreamDecoder) == [
+        FrameError("stream ended inside an event-stream message")]
+
+
+@given(data=st.binary(max_size=200), sizes=st.lists(st.integers(1, 9), min_size=1, max_size=5))
+@settings(max_examples=200, deadline=None)
+def test_array_and_eventstream_never_raise(data: bytes, sizes: list[int]) -> None:
+    for cls in (JSONArrayDecoder, EventStreamDecoder):
+        assert decode(data, sizes, cls, max_frame_size=64) == decode(data, cls=cls,
+                                                                     max_frame_size=64)
+
+
+def test_decoder_for_stream_formats() -> None:
+    assert isinstance(decoder_for("application/vnd.amazon.eventstream"), EventStreamDecoder)
+    assert isinstance(decoder_for("application/json", json_stream=True), JSONArrayDecoder)

@@ -167,8 +167,7 @@ async def test_upstream_error_status_passes_through(stack: Stack) -> None:
 
 
 async def test_unreachable_upstream_gives_clean_502(stack_factory: StackFactory) -> None:
-    stack = await stack_factory()
-    stack.apps.handler.upstream = stack.apps.handler.upstream.with_port(1)
+    stack = await stack_factory(upstream="http://127.0.0.1:1")
     status, _, got = await post(stack, "none", chat_body())
     assert status == 502 and orjson.loads(got)["error"]["type"] == "upstream_error"
     assert stack.value("llm_requests_total", code="502", outcome="upstream_error") == 1

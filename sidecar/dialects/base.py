@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
+import orjson
+
 from ..frames import Frame
 from ..tokens import Tokenizer
 
@@ -59,11 +61,13 @@ class Sink(Protocol):
 
 @dataclass(slots=True)
 class RequestInfo:
-    """What the sidecar learns from a request body before forwarding it."""
+    """What the sidecar learns from a request before forwarding it."""
 
     model: str | None = None
     stream: bool = False
     body: Any = None  # the parsed JSON body, kept for prompt estimation
+    json_stream: bool = False  # the answer is a streamed JSON array (Gemini without alt=sse)
+    embeddings: bool = False  # no generated output: output settles as reported 0
 
 
 class StreamParser(Protocol):
@@ -73,7 +77,7 @@ class StreamParser(Protocol):
 class Dialect(Protocol):
     name: str
 
-    def parse_request(self, path: str, body: bytes) -> RequestInfo: ...
+    def parse_request(self, path: str, query: str, body: bytes) -> RequestInfo: ...
 
     def estimate_prompt(self, info: RequestInfo, tokenizer: Tokenizer) -> int: ...
 
@@ -91,3 +95,67 @@ def as_int(value: Any) -> int | None:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return None
+
+
+def load_json(body: bytes) -> Any:
+    """Parsed JSON, or None when the body is empty or not JSON."""
+    if not body:
+        return None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
+class JSONFrameParser:
+    """Base for streams whose frames carry one JSON object each; subclasses read the object."""
+
+    __slots__ = ("sink",)
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    def on_frame(self, frame: Frame) -> None:
+        data = frame.data
+        if data is None or data == b"[DONE]":
+            return
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.sink.malformed("invalid JSON in data frame")
+            return
+        if isinstance(obj, dict):
+            self.on_object(obj, frame)
+        else:
+            self.sink.malformed("data frame is not a JSON object")
+
+    def on_object(self, obj: dict[str, Any], frame: Frame) -> None:
+        raise NotImplementedError
+
+
+def texts_of(node: Any, keys: frozenset[str] = frozenset({"text", "content"})) -> list[str]:
+    """Every string under the given keys, anywhere in a JSON tree (for prompt estimates)."""
+    out: list[str] = []
+    stack = [node]
+    while stack:
+        cur = stack.pop()
+        if isinstance(cur, dict):
+            for k, v in cur.items():
+                if isinstance(v, str):
+                    if k in keys:
+                        out.append(v)
+                elif isinstance(v, dict | list):
+                    stack.append(v)
+        elif isinstance(cur, list):
+            for v in cur:
+                if isinstance(v, str):
+                    out.append(v)
+                elif isinstance(v, dict | list):
+                    stack.append(v)
+    return out
+
+
+def sum_ints(*values: int | None) -> int | None:
+    """Sum of the values that are known; None when none is."""
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None

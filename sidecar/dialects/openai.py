@@ -1,31 +1,58 @@
-"""OpenAI chat completions and legacy completions, streaming and not (also the gateway format)."""
+"""OpenAI chat completions, legacy completions and embeddings, streaming and not.
+
+Also every OpenAI-compatible API: Azure OpenAI (deployment paths), DeepSeek, Mistral, Groq, xAI,
+OpenRouter, Perplexity, Zhipu v4, DashScope compatible mode, Ollama's /v1, and gateways.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
 
 from ..frames import Frame
 from ..tokens import Tokenizer
-from .base import CONTENT, REASONING, TOOL, RequestInfo, Sink, Usage, as_int
+from .base import (
+    CONTENT,
+    REASONING,
+    TOOL,
+    JSONFrameParser,
+    RequestInfo,
+    Sink,
+    Usage,
+    as_int,
+    load_json,
+)
+from .functions import estimate_legacy_chat, uses_legacy_functions
+
+_AZURE_DEPLOYMENT = re.compile(r"/openai/deployments/([^/]+)/")
 
 
 def usage_from(obj: Any) -> Usage | None:
-    """OpenAI's usage object -> Usage (chat and legacy completions share it)."""
+    """An OpenAI-style usage object -> Usage, with the providers' variations folded in.
+
+    - DeepSeek reports cache hits as ``prompt_cache_hit_tokens``.
+    - xAI reports reasoning outside ``completion_tokens`` (total = prompt + completion +
+      reasoning); output includes reasoning in our semantics, so it is added back.
+    """
     if not isinstance(obj, dict):
         return None
-    u = Usage(
-        input=as_int(obj.get("prompt_tokens")),
-        output=as_int(obj.get("completion_tokens")),
-        total=as_int(obj.get("total_tokens")),
-    )
+    inp = as_int(obj.get("prompt_tokens"))
+    out = as_int(obj.get("completion_tokens"))
+    total = as_int(obj.get("total_tokens"))
+    u = Usage(input=inp, output=out, total=total)
     pd = obj.get("prompt_tokens_details")
     if isinstance(pd, dict):
         u.cached_input = as_int(pd.get("cached_tokens"))
+    if u.cached_input is None:
+        u.cached_input = as_int(obj.get("prompt_cache_hit_tokens"))
     cd = obj.get("completion_tokens_details")
     if isinstance(cd, dict):
         u.reasoning = as_int(cd.get("reasoning_tokens"))
+    r = u.reasoning
+    if r and inp is not None and out is not None and total is not None and total == inp + out + r:
+        u.output = out + r
     return None if u.empty() else u
 
 
@@ -44,24 +71,43 @@ def _tool_calls(idx: Any, calls: Any, sink: Sink) -> None:
             args = fn.get("arguments")
             if isinstance(args, str) and args:
                 sink.text((idx, TOOL, j), TOOL, args)
+            elif isinstance(args, dict):  # Ollama's /api/chat sends arguments as an object
+                sink.text((idx, TOOL, j), TOOL, orjson.dumps(args).decode())
 
 
-def _message_parts(idx: Any, msg: dict[str, Any], sink: Sink) -> None:
+def message_parts(idx: Any, msg: dict[str, Any], sink: Sink) -> None:
     """Text carried by a streamed ``delta`` or a whole ``message``: same fields in both."""
     content = msg.get("content")
     if isinstance(content, str) and content:
         sink.text((idx, CONTENT), CONTENT, content)
+    elif isinstance(content, list):  # Mistral's thinking chunks: [{"type": "thinking"...}]
+        for part in content:
+            if isinstance(part, dict):
+                kind = REASONING if part.get("type") == "thinking" else CONTENT
+                for text in _part_texts(part):
+                    sink.text((idx, kind), kind, text)
     refusal = msg.get("refusal")
     if isinstance(refusal, str) and refusal:
         sink.text((idx, "refusal"), CONTENT, refusal)
-    for key in ("reasoning_content", "reasoning"):
+    for key in ("reasoning_content", "reasoning", "thinking"):
         reasoning = msg.get(key)
         if isinstance(reasoning, str) and reasoning:
             sink.text((idx, REASONING), REASONING, reasoning)
+            break
     _tool_calls(idx, msg.get("tool_calls"), sink)
     fc = msg.get("function_call")
     if isinstance(fc, dict):
         _tool_calls(idx, [{"index": 0, "function": fc}], sink)
+
+
+def _part_texts(part: dict[str, Any]) -> list[str]:
+    text = part.get("text")
+    if isinstance(text, str):
+        return [text] if text else []
+    inner = part.get("thinking")
+    if isinstance(inner, list):
+        return [t for p in inner if isinstance(p, dict) for t in _part_texts(p)]
+    return []
 
 
 def read_completion(obj: dict[str, Any], sink: Sink, *, streamed: bool) -> None:
@@ -81,37 +127,29 @@ def read_completion(obj: dict[str, Any], sink: Sink, *, streamed: bool) -> None:
             idx = choice.get("index", pos)
             part = choice.get("delta" if streamed else "message")
             if isinstance(part, dict):
-                _message_parts(idx, part, sink)
+                message_parts(idx, part, sink)
             text = choice.get("text")  # legacy completions
             if isinstance(text, str) and text:
                 sink.text((idx, CONTENT), CONTENT, text)
             reason = choice.get("finish_reason")
             if isinstance(reason, str) and reason:
                 sink.finish_reason(reason)
-    usage = usage_from(obj.get("usage"))
+    raw = obj.get("usage")
+    if raw is None:
+        xg = obj.get("x_groq")  # Groq's older streams carry usage only here
+        raw = xg.get("usage") if isinstance(xg, dict) else None
+    usage = usage_from(raw)
     if usage is not None:
+        if obj.get("object") == "list" and isinstance(obj.get("data"), list):
+            usage.output = 0  # embeddings: nothing is generated
         sink.usage(usage)
 
 
-class OpenAIStreamParser:
-    __slots__ = ("_sink",)
+class OpenAIStreamParser(JSONFrameParser):
+    __slots__ = ()
 
-    def __init__(self, sink: Sink) -> None:
-        self._sink = sink
-
-    def on_frame(self, frame: Frame) -> None:
-        data = frame.data
-        if data is None or data == b"[DONE]":
-            return
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            self._sink.malformed("invalid JSON in data frame")
-            return
-        if isinstance(obj, dict):
-            read_completion(obj, self._sink, streamed=True)
-        else:
-            self._sink.malformed("data frame is not a JSON object")
+    def on_object(self, obj: dict[str, Any], frame: Frame) -> None:
+        read_completion(obj, self.sink, streamed=True)
 
 
 def _text_of(content: Any, tok: Tokenizer) -> int:
@@ -152,23 +190,54 @@ def estimate_chat_prompt(messages: list[Any], model: str | None, tok: Tokenizer)
     return n + 3
 
 
+def estimate_tools(tools: list[Any], model: str | None, tok: Tokenizer) -> int:
+    """Tokens of ``tools`` definitions: the OpenAI Cookbook's num_tokens_for_tools()."""
+    o200k = tok.name == "o200k_base"
+    func_init, prop_init, prop_key, enum_init, enum_item, func_end = (
+        (7, 3, 3, -3, 3, 12) if o200k else (10, 3, 3, -3, 3, 12))
+    n = 0
+    for tool in tools:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict):
+            continue
+        n += func_init
+        desc = str(fn.get("description") or "").removesuffix(".")
+        n += tok.count(f"{fn.get('name', '')}:{desc}")
+        params = fn.get("parameters")
+        props = params.get("properties") if isinstance(params, dict) else None
+        if isinstance(props, dict) and props:
+            n += prop_init
+            for key, prop in props.items():
+                n += prop_key
+                if not isinstance(prop, dict):
+                    continue
+                enum = prop.get("enum")
+                if isinstance(enum, list):
+                    n += enum_init
+                    for item in enum:
+                        n += enum_item + tok.count(str(item))
+                pdesc = str(prop.get("description") or "").removesuffix(".")
+                n += tok.count(f"{key}:{prop.get('type', '')}:{pdesc}")
+    return n + func_end if n else 0
+
+
 class OpenAIDialect:
     """The OpenAI chat/completions wire format."""
 
     name = "openai"
 
-    def parse_request(self, path: str, body: bytes) -> RequestInfo:
+    def parse_request(self, path: str, query: str, body: bytes) -> RequestInfo:
         info = RequestInfo()
-        if not body:
-            return info
-        try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return info
+        obj = load_json(body)
+        m = _AZURE_DEPLOYMENT.search(path)
+        if m:
+            info.model = m.group(1)
+        info.embeddings = path.rstrip("/").endswith("/embeddings")
         if not isinstance(obj, dict):
             return info
         model = obj.get("model")
-        info.model = model if isinstance(model, str) else None
+        if isinstance(model, str) and model:
+            info.model = model
         info.stream = obj.get("stream") is True
         info.body = obj
         return info
@@ -179,8 +248,17 @@ class OpenAIDialect:
             return 0
         messages = body.get("messages")
         if isinstance(messages, list):
-            return estimate_chat_prompt(messages, info.model, tokenizer)
-        prompt = body.get("prompt")
+            if uses_legacy_functions(body):
+                functions = body.get("functions")
+                n = estimate_legacy_chat(messages, functions if isinstance(functions, list)
+                                         else None, body.get("function_call"), tokenizer)
+            else:
+                n = estimate_chat_prompt(messages, info.model, tokenizer)
+            tools = body.get("tools")
+            if isinstance(tools, list) and tools:
+                n += estimate_tools(tools, info.model, tokenizer)
+            return n
+        prompt = body.get("prompt", body.get("input"))
         if isinstance(prompt, str):
             return tokenizer.count(prompt)
         if isinstance(prompt, list):

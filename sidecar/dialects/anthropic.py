@@ -1,0 +1,161 @@
+"""Anthropic Messages API, streaming and not.
+
+Anthropic's ``input_tokens`` excludes cache reads and writes; in our semantics ``input`` is all
+input, so input = input_tokens + cache_read_input_tokens + cache_creation_input_tokens, with
+``cached_input`` = cache reads and ``cache_write_input`` = cache creation. ``message_start``
+carries input counts; ``message_delta`` carries cumulative output and may restate input counts:
+fields are merged as they arrive (never summed), then normalized.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from ..frames import Frame
+from ..tokens import Tokenizer
+from .base import (
+    CONTENT,
+    REASONING,
+    TOOL,
+    JSONFrameParser,
+    RequestInfo,
+    Sink,
+    Usage,
+    as_int,
+    load_json,
+    texts_of,
+)
+
+_RAW_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens",
+               "cache_creation_input_tokens")
+
+
+def normalize(raw: dict[str, int]) -> Usage:
+    inp = raw.get("input_tokens")
+    read = raw.get("cache_read_input_tokens")
+    write = raw.get("cache_creation_input_tokens")
+    total_in = None if inp is None else inp + (read or 0) + (write or 0)
+    return Usage(input=total_in, output=raw.get("output_tokens"), cached_input=read,
+                 cache_write_input=write)
+
+
+def merge_raw(raw: dict[str, int], usage: Any) -> bool:
+    if not isinstance(usage, dict):
+        return False
+    changed = False
+    for key in _RAW_FIELDS:
+        v = as_int(usage.get(key))
+        if v is not None:
+            raw[key] = v
+            changed = True
+    return changed
+
+
+_DELTA_FIELDS = {"text_delta": ("text", CONTENT), "thinking_delta": ("thinking", REASONING),
+                 "input_json_delta": ("partial_json", TOOL),
+                 "citations_delta": ("", CONTENT)}
+
+
+class AnthropicStreamParser(JSONFrameParser):
+    __slots__ = ("_raw",)
+
+    def __init__(self, sink: Sink) -> None:
+        super().__init__(sink)
+        self._raw: dict[str, int] = {}
+
+    def on_object(self, obj: dict[str, Any], frame: Frame) -> None:
+        kind = obj.get("type") or frame.event
+        sink = self.sink
+        if kind == "content_block_delta":
+            delta = obj.get("delta")
+            if isinstance(delta, dict):
+                field, text_kind = _DELTA_FIELDS.get(str(delta.get("type")), ("", ""))
+                text = delta.get(field) if field else None
+                if isinstance(text, str) and text:
+                    sink.text((obj.get("index", 0),), text_kind, text)
+        elif kind == "content_block_start":
+            block = obj.get("content_block")
+            if isinstance(block, dict):
+                if block.get("type") in ("tool_use", "server_tool_use") and block.get("name"):
+                    sink.text((obj.get("index", 0), "name"), TOOL, str(block["name"]))
+                text = block.get("text")
+                if isinstance(text, str) and text:
+                    sink.text((obj.get("index", 0),), CONTENT, text)
+        elif kind == "message_start":
+            msg = obj.get("message")
+            if isinstance(msg, dict):
+                if isinstance(msg.get("model"), str):
+                    sink.model(msg["model"])
+                if merge_raw(self._raw, msg.get("usage")):
+                    sink.usage(normalize(self._raw))
+        elif kind == "message_delta":
+            delta = obj.get("delta")
+            if isinstance(delta, dict) and isinstance(delta.get("stop_reason"), str):
+                sink.finish_reason(delta["stop_reason"])
+            if merge_raw(self._raw, obj.get("usage")):
+                sink.usage(normalize(self._raw))
+        elif kind == "error":
+            err = obj.get("error")
+            sink.error(str(err.get("message") if isinstance(err, dict) else err))
+
+
+class AnthropicDialect:
+    name = "anthropic"
+
+    def parse_request(self, path: str, query: str, body: bytes) -> RequestInfo:
+        obj = load_json(body)
+        info = RequestInfo()
+        if isinstance(obj, dict):
+            model = obj.get("model")
+            info.model = model if isinstance(model, str) else None
+            info.stream = obj.get("stream") is True
+            info.body = obj
+        return info
+
+    def estimate_prompt(self, info: RequestInfo, tokenizer: Tokenizer) -> int:
+        body = info.body
+        if not isinstance(body, dict):
+            return 0
+        keys = frozenset({"text", "content", "thinking", "input"})
+        n = sum(tokenizer.count(t) for t in texts_of(body.get("system"), keys))
+        for msg in body.get("messages") or []:
+            n += 4 + sum(tokenizer.count(t) for t in texts_of(msg, keys))
+            parts = msg.get("content") if isinstance(msg, dict) else None
+            if isinstance(parts, list):
+                for part in parts:
+                    if isinstance(part, dict) and part.get("type") == "tool_use":
+                        n += tokenizer.count(orjson.dumps(part.get("input")).decode())
+        tools = body.get("tools")
+        if isinstance(tools, list) and tools:
+            n += tokenizer.count(orjson.dumps(tools).decode())
+        return n + 3
+
+    def stream_parser(self, sink: Sink) -> AnthropicStreamParser:
+        return AnthropicStreamParser(sink)
+
+    def parse_body(self, obj: Any, sink: Sink) -> None:
+        if not isinstance(obj, dict):
+            return
+        if obj.get("type") == "error":
+            err = obj.get("error")
+            sink.error(str(err.get("message") if isinstance(err, dict) else err))
+            return
+        if isinstance(obj.get("model"), str):
+            sink.model(obj["model"])
+        for i, block in enumerate(obj.get("content") or []):
+            if not isinstance(block, dict):
+                continue
+            kind = block.get("type")
+            if kind == "text" and isinstance(block.get("text"), str):
+                sink.text((i,), CONTENT, block["text"])
+            elif kind == "thinking" and isinstance(block.get("thinking"), str):
+                sink.text((i,), REASONING, block["thinking"])
+            elif kind in ("tool_use", "server_tool_use"):
+                sink.text((i,), TOOL, orjson.dumps(block.get("input")).decode())
+        if isinstance(obj.get("stop_reason"), str):
+            sink.finish_reason(obj["stop_reason"])
+        raw: dict[str, int] = {}
+        if merge_raw(raw, obj.get("usage")):
+            sink.usage(normalize(raw))

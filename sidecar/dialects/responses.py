@@ -1,0 +1,145 @@
+"""OpenAI Responses API (also Azure and DeepSeek's Responses-compatible endpoints)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..frames import Frame
+from ..tokens import Tokenizer
+from .base import (
+    CONTENT,
+    REASONING,
+    TOOL,
+    JSONFrameParser,
+    RequestInfo,
+    Sink,
+    Usage,
+    as_int,
+    load_json,
+    texts_of,
+)
+
+# Event type -> kind of the text in its "delta".
+_DELTAS = {
+    "response.output_text.delta": CONTENT,
+    "response.refusal.delta": CONTENT,
+    "response.function_call_arguments.delta": TOOL,
+    "response.custom_tool_call_input.delta": TOOL,
+    "response.mcp_call_arguments.delta": TOOL,
+    "response.code_interpreter_call_code.delta": TOOL,
+    "response.reasoning_summary_text.delta": REASONING,
+    "response.reasoning_text.delta": REASONING,
+    "response.audio.transcript.delta": CONTENT,
+}
+_FINAL = ("response.completed", "response.incomplete", "response.failed", "response.done")
+
+
+def usage_from(obj: Any) -> Usage | None:
+    if not isinstance(obj, dict):
+        return None
+    u = Usage(input=as_int(obj.get("input_tokens")), output=as_int(obj.get("output_tokens")),
+              total=as_int(obj.get("total_tokens")))
+    d = obj.get("input_tokens_details")
+    if isinstance(d, dict):
+        u.cached_input = as_int(d.get("cached_tokens"))
+    d = obj.get("output_tokens_details")
+    if isinstance(d, dict):
+        u.reasoning = as_int(d.get("reasoning_tokens"))
+    return None if u.empty() else u
+
+
+def read_response(resp: dict[str, Any], sink: Sink) -> None:
+    """A whole response object: model, status, error and usage."""
+    model = resp.get("model")
+    if isinstance(model, str) and model:
+        sink.model(model)
+    err = resp.get("error")
+    if isinstance(err, dict) and err.get("message"):
+        sink.error(str(err["message"]))
+    status = resp.get("status")
+    if isinstance(status, str) and status not in ("in_progress", "queued"):
+        details = resp.get("incomplete_details")
+        reason = details.get("reason") if isinstance(details, dict) else None
+        sink.finish_reason(str(reason or status))
+    usage = usage_from(resp.get("usage"))
+    if usage is not None:
+        sink.usage(usage)
+
+
+class ResponsesStreamParser(JSONFrameParser):
+    __slots__ = ()
+
+    def on_object(self, obj: dict[str, Any], frame: Frame) -> None:
+        kind = obj.get("type") or frame.event
+        text_kind = _DELTAS.get(kind) if isinstance(kind, str) else None
+        if text_kind is not None:
+            delta = obj.get("delta")
+            if isinstance(delta, str) and delta:
+                slot = (obj.get("output_index", 0), obj.get("content_index", 0), text_kind)
+                self.sink.text(slot, text_kind, delta)
+            return
+        resp = obj.get("response")
+        if isinstance(resp, dict):
+            if kind in _FINAL or kind == "response.created":
+                read_response(resp, self.sink)
+            return
+        if kind == "error":
+            self.sink.error(str(obj.get("message") or obj.get("error") or "error event"))
+
+
+class ResponsesDialect:
+    name = "openai-responses"
+
+    def parse_request(self, path: str, query: str, body: bytes) -> RequestInfo:
+        obj = load_json(body)
+        info = RequestInfo()
+        if isinstance(obj, dict):
+            model = obj.get("model")
+            info.model = model if isinstance(model, str) else None
+            info.stream = obj.get("stream") is True
+            info.body = obj
+        return info
+
+    def estimate_prompt(self, info: RequestInfo, tokenizer: Tokenizer) -> int:
+        body = info.body
+        if not isinstance(body, dict):
+            return 0
+        n = 0
+        instructions = body.get("instructions")
+        if isinstance(instructions, str):
+            n += tokenizer.count(instructions) + 3
+        inp = body.get("input")
+        if isinstance(inp, str):
+            return n + tokenizer.count(inp) + 3 + 3
+        if isinstance(inp, list):
+            for item in inp:
+                n += 3 + sum(tokenizer.count(t) for t in texts_of(
+                    item, frozenset({"text", "content", "role", "arguments", "output"})))
+            n += 3
+        return n
+
+    def stream_parser(self, sink: Sink) -> ResponsesStreamParser:
+        return ResponsesStreamParser(sink)
+
+    def parse_body(self, obj: Any, sink: Sink) -> None:
+        if not isinstance(obj, dict):
+            return
+        for i, item in enumerate(obj.get("output") or []):
+            if not isinstance(item, dict):
+                continue
+            kind = item.get("type")
+            if kind == "message":
+                for j, part in enumerate(item.get("content") or []):
+                    if isinstance(part, dict):
+                        text = part.get("text") or part.get("refusal")
+                        if isinstance(text, str) and text:
+                            sink.text((i, j, CONTENT), CONTENT, text)
+            elif kind == "reasoning":
+                for j, part in enumerate(item.get("summary") or []):
+                    if isinstance(part, dict) and isinstance(part.get("text"), str):
+                        sink.text((i, j, REASONING), REASONING, part["text"])
+            elif kind in ("function_call", "custom_tool_call"):
+                args = item.get("arguments") or item.get("input")
+                if isinstance(args, str) and args:
+                    sink.text((i, 0, TOOL), TOOL, args)
+        read_response(obj, sink)
