@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -23,15 +24,19 @@ from prometheus_client import (
 )
 
 from .attribution import Attributor
+from .calibration import Calibration
 from .config import Settings
 from .metrics import Metrics
 from .proxy import Proxy, RecordSink
+from .state import SQLiteState, parse_state_url
 from .tokens import Tokenizers, encoding_source
 
 log = logging.getLogger("sidecar")
 
 SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
 READY_KEY = web.AppKey("ready", asyncio.Event)
+# How often learned estimate factors are written to the state file (and at shutdown).
+STATE_FLUSH_SECONDS = 5.0
 
 
 def record_writer(target: str) -> tuple[RecordSink, Callable[[], None]]:
@@ -81,6 +86,32 @@ def make_app(
     proxy_app = web.Application(client_max_size=settings.max_request_body)
     ready = asyncio.Event()
     proxy_app[READY_KEY] = ready
+    calibration = Calibration()
+
+    async def state_ctx(app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        store = await loop.run_in_executor(
+            None, SQLiteState, parse_state_url(settings.state))
+        learned = await loop.run_in_executor(None, store.load_calibration)
+        calibration.restore(learned)
+        log.info("state %s: %d learned estimate factors", settings.state, len(learned))
+
+        async def flush_forever() -> None:
+            while True:
+                await asyncio.sleep(STATE_FLUSH_SECONDS)
+                if calibration.dirty:
+                    await loop.run_in_executor(None, store.save_calibration,
+                                               calibration.snapshot())
+
+        flusher = asyncio.create_task(flush_forever(), name="sidecar-state-flush")
+        yield
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+        await loop.run_in_executor(None, store.save_calibration, calibration.snapshot())
+        await loop.run_in_executor(None, store.close)
+
+    proxy_app.cleanup_ctx.append(state_ctx)
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         # Load tokenizers off the loop: the first load parses a few MB of vocabulary.
@@ -108,6 +139,7 @@ def make_app(
         metrics=metrics,
         tokenizers=tokenizers,
         attributor=Attributor(settings.keys, settings.team_header, settings.key_hash_secret),
+        calibration=calibration,
         record_sink=record_sink,
         clock=clock,
     )

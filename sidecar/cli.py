@@ -1,4 +1,4 @@
-"""Command line: `sidecar run|demo|top`. Every `run` flag has an environment variable twin."""
+"""Command line: `sidecar run|demo|replay|top`. Each `run` flag has an environment variable twin."""
 
 from __future__ import annotations
 
@@ -45,6 +45,19 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--records", default="off",
                       help="per-request JSON lines: '-' stderr, a file path, or 'off' (default)")
 
+    replay = sub.add_parser(
+        "replay", help="meter recorded streams offline: estimated vs reported tokens",
+        description="Run recorded streams (SSE, NDJSON, JSON array or AWS event-stream files, or "
+                    "folders of them) through the same meter as the proxy, and print estimated "
+                    "versus reported tokens per file and an accuracy summary per folder. A "
+                    "request body is read from NAME.request.json beside a stream when present.")
+    replay.add_argument("files", nargs="+", metavar="FILE", help="stream files or folders")
+    replay.add_argument("--json", action="store_true", help="machine-readable output")
+    replay.add_argument("--dialect", default=None,
+                        help="force a dialect instead of sniffing it from the bytes")
+    replay.add_argument("--chunk", type=int, default=0,
+                        help="feed the meter N bytes at a time (default: whole file)")
+
     top = sub.add_parser("top", help="terminal dashboard for a running sidecar",
                          description="Poll a sidecar's /metrics and show live tokens per model.")
     top.add_argument("--metrics", default="http://127.0.0.1:9464/metrics",
@@ -88,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
         return 0
+    if args.command == "replay":
+        from .replay import main as replay_main
+
+        return replay_main(args.files, as_json=args.json, dialect=args.dialect, chunk=args.chunk)
     if args.command == "top":
         from .top import run_top
 

@@ -89,6 +89,7 @@ class Settings:
     key_hash_secret: Secret | None = None
     keys: tuple[KeyEntry, ...] = ()
     records: str = "-"
+    state: str = "sqlite:///sidecar-state.db"
     log_level: str = "INFO"
     config_file: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -146,6 +147,14 @@ def _choice(*options: str) -> Callable[[Any], str]:
         return v
 
     return check
+
+
+def _state_url(value: Any) -> str:
+    from .state import parse_state_url
+
+    v = str(value).strip()
+    parse_state_url(v)
+    return v
 
 
 def _bool(value: Any) -> bool:
@@ -229,6 +238,8 @@ OPTIONS: tuple[Option, ...] = (
            "secret for the keyed hash that names API keys in labels (recommended)"),
     Option("records", "records", "SIDECAR_RECORDS", _label,
            "where the per-request JSON lines go: '-' for stderr, 'off', or a file path"),
+    Option("state", "state", "SIDECAR_STATE", lambda v: _state_url(v),
+           "durable state: sqlite:///PATH (default sqlite:///sidecar-state.db) or memory://"),
     Option("log_level", "log_level", "SIDECAR_LOG_LEVEL",
            lambda v: _choice("debug", "info", "warning", "error")(v).upper(),
            "log level (default info)"),

@@ -88,6 +88,7 @@ class Meter:
         self.model_name: str | None = info.model
         self.reported = Usage()
         self.prompt_estimate = 0
+        self.raw_prompt_estimate = 0
         self.frame_errors = 0
         self.error_message: str | None = None
         self.finish: str | None = None
@@ -95,7 +96,12 @@ class Meter:
         self.streamed = False
         self._counters: dict[tuple[Any, ...], TextCounter] = {}
         self._reasoning_slots: set[tuple[Any, ...]] = set()
-        self._live = 0  # output tokens committed since the last take_live()
+        # Learned corrections for models without a public tokenizer (1.0 otherwise).
+        self.output_scale = 1.0
+        self.input_scale = 1.0
+        self._committed: float = 0  # raw output tokens committed by the counters
+        self._emitted = 0  # scaled output tokens handed to the live counter
+        self._ended = False
         self._decoder: Decoder | None = None
         self._parser: Any = None
         self._inflater: _Inflater | None = None
@@ -108,7 +114,9 @@ class Meter:
     def estimate_prompt(self) -> int:
         """Prompt tokens from the request body (may be offloaded to a thread for big bodies)."""
         try:
-            self.prompt_estimate = self.dialect.estimate_prompt(self.info, self.tokenizer)
+            raw = self.dialect.estimate_prompt(self.info, self.tokenizer)
+            self.raw_prompt_estimate = raw
+            self.prompt_estimate = round(raw * self.input_scale)
         except Exception:  # a body we cannot read must not break the request
             self.malformed("request body could not be estimated")
             self.prompt_estimate = 0
@@ -171,11 +179,21 @@ class Meter:
         except Exception as exc:
             self.malformed(f"meter error: {type(exc).__name__}")
         for counter in self._counters.values():
-            self._live += counter.flush()
+            self._committed += counter.flush()
+        self._ended = True
 
     def take_live(self) -> int:
-        """Output tokens estimated since the last call (for the live counter)."""
-        n, self._live = self._live, 0
+        """Output tokens estimated since the last call (for the live counter).
+
+        Mid-stream the scaled total is floored, so the live counter never runs ahead of the
+        final estimate; at the end it is rounded, exactly as the settlement rounds it.
+        """
+        scaled = self._committed * self.output_scale
+        total = round(scaled) if self._ended else int(scaled + 1e-9)
+        n = total - self._emitted
+        if n <= 0:
+            return 0
+        self._emitted = total
         return n
 
     def _frames(self, items: list[Any]) -> None:
@@ -196,7 +214,7 @@ class Meter:
                 self._reasoning_slots.add(slot)
         if self.first_token_at is None:
             self.first_token_at = self._clock()
-        self._live += counter.feed(text)
+        self._committed += counter.feed(text)
 
     def usage(self, usage: Usage) -> None:
         self.reported.merge(usage)
@@ -216,12 +234,22 @@ class Meter:
     # -- settlement ---------------------------------------------------------------------------
 
     @property
-    def estimated_output(self) -> int:
+    def saw_reasoning(self) -> bool:
+        return bool(self._reasoning_slots)
+
+    @property
+    def raw_estimated_output(self) -> float:
+        """Output tokens by the tokenizer profile alone, before the learned correction."""
         return sum(c.total for c in self._counters.values())
 
     @property
+    def estimated_output(self) -> int:
+        return round(self.raw_estimated_output * self.output_scale)
+
+    @property
     def estimated_reasoning(self) -> int:
-        return sum(self._counters[s].total for s in self._reasoning_slots)
+        return round(sum(self._counters[s].total for s in self._reasoning_slots)
+                     * self.output_scale)
 
     def settle(self) -> Settlement:
         r = self.reported

@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .attribution import Attributor
+from .calibration import Calibration
 from .config import Settings, all_routes
 from .dialects import AUTO, detect, get_dialect, provider_for
 from .meter import Meter, Settlement
@@ -103,6 +104,7 @@ class Proxy:
         tokenizers: Tokenizers,
         attributor: Attributor,
         record_sink: RecordSink,
+        calibration: Calibration | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
@@ -111,6 +113,7 @@ class Proxy:
         self.tokenizers = tokenizers
         self.attributor = attributor
         self.record = record_sink
+        self.calibration = calibration or Calibration()
         self.clock = clock
         self.targets = targets(settings)
 
@@ -164,6 +167,9 @@ class Proxy:
         meter = Meter(dialect, info, tokenizer, self.clock,
                       max_frame_size=self.settings.max_frame_size)
         model = m.model_label(info.model)
+        if not tokenizer.exact:
+            meter.output_scale = self.calibration.factor(model, "output")
+            meter.input_scale = self.calibration.factor(model, "input")
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         usage_filter: UsageChunkFilter | None = None
         if target.include_usage and dialect_name == "openai":
@@ -311,6 +317,8 @@ class Proxy:
         m = self.metrics
         stream = "true" if meter.streamed else "false"
         m.settle(provider, model, key, team, s)
+        if not meter.tokenizer.exact:
+            self._learn(meter, model)
         m.requests.labels(provider, model, key, team, str(state.status), outcome, stream).inc()
         duration = end - state.t0
         m.duration.labels(provider, model, stream).observe(duration)
@@ -322,6 +330,18 @@ class Proxy:
                 m.tpot.labels(provider, model).observe(
                     (end - s.first_token_at) / (s.output_tokens - 1))
         self.record(_record(state, s, outcome, duration, ttft, meter.streamed))
+
+
+    def _learn(self, meter: Meter, model: str) -> None:
+        """Feed the calibration with what this request showed (visible text only)."""
+        r = meter.reported
+        if r.output is not None:
+            visible = r.output
+            if r.reasoning and not meter.saw_reasoning:
+                visible -= r.reasoning  # hidden reasoning is not text the estimate could see
+            self.calibration.observe(model, "output", meter.raw_estimated_output, visible)
+        if r.input is not None and meter.raw_prompt_estimate:
+            self.calibration.observe(model, "input", meter.raw_prompt_estimate, r.input)
 
 
 class _Exchange:

@@ -16,6 +16,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +54,10 @@ DEFAULT_ENCODING = "o200k_base"
 SUPPORTED_ENCODINGS = ("o200k_base", "cl100k_base")
 
 
-def encoding_name_for_model(model: str | None) -> str:
-    """Map a model name (as sent in a request or answer) to its tiktoken encoding name."""
+def _public_encoding(model: str | None) -> str | None:
+    """The encoding of a model whose tokenizer is public, or None."""
     if not model:
-        return DEFAULT_ENCODING
+        return None
     name = model.strip().lower()
     if "/" in name:
         name = name.rsplit("/", 1)[1]
@@ -67,7 +68,55 @@ def encoding_name_for_model(model: str | None) -> str:
             if prefix in ("o1", "o3", "o4") and rest and rest[0] != "-":
                 continue
             return enc
-    return DEFAULT_ENCODING
+    return None
+
+
+def encoding_name_for_model(model: str | None) -> str:
+    """Map a model name (as sent in a request or answer) to its tiktoken encoding name."""
+    return _public_encoding(model) or DEFAULT_ENCODING
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """How to estimate a model family that has no public tokenizer: o200k pieces scaled by
+    ``text_factor``, and CJK characters at ``cjk_per_char`` tokens each (None: o200k's count).
+    The learned per-model correction (calibration.py) multiplies on top."""
+
+    name: str
+    text_factor: float = 1.0
+    cjk_per_char: float | None = None
+
+
+EXACT = Profile("exact")  # a public tokenizer: tiktoken's count is the count
+# Model-name prefixes -> profile. The numbers are seeds for the learned correction:
+#   claude 1.12: Anthropic's reported output / o200k count on the recorded Claude captures.
+#   ernie 0.55/char: reported output per Chinese character on the recorded ERNIE captures.
+#   glm, qwen, deepseek, kimi 0.6/char: assumed from their CJK-heavy vocabularies (no capture).
+_PROFILES: tuple[tuple[str, Profile], ...] = (
+    ("claude", Profile("claude", text_factor=1.12)),
+    ("anthropic.claude", Profile("claude", text_factor=1.12)),
+    ("ernie", Profile("ernie", cjk_per_char=0.55)),
+    ("glm", Profile("glm", cjk_per_char=0.6)),
+    ("chatglm", Profile("glm", cjk_per_char=0.6)),
+    ("qwen", Profile("qwen", cjk_per_char=0.6)),
+    ("qwq", Profile("qwen", cjk_per_char=0.6)),
+    ("deepseek", Profile("deepseek", cjk_per_char=0.6)),
+    ("kimi", Profile("kimi", cjk_per_char=0.6)),
+    ("moonshot", Profile("kimi", cjk_per_char=0.6)),
+)
+_CJK = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}]")
+
+
+def profile_for_model(model: str | None) -> Profile:
+    """EXACT for models with a public tiktoken encoding, else the family's estimation profile."""
+    if _public_encoding(model) is not None:
+        return EXACT
+    name = (model or "").strip().lower()
+    for prefix, profile in _PROFILES:
+        # Provider-qualified names: "anthropic/claude-...", "us.anthropic.claude-...".
+        if name.startswith(prefix) or f"/{prefix}" in name or f".{prefix}" in name:
+            return profile
+    return Profile("default")
 
 
 class EncodingUnavailable(RuntimeError):
@@ -175,11 +224,6 @@ def _load(name: str) -> tiktoken.Encoding:
     return tiktoken.Encoding(**params)
 
 
-def count_text(enc: tiktoken.Encoding, text: str) -> int:
-    """Tokens in ``text`` as the model sees plain text (special tokens counted as text)."""
-    return len(enc.encode_ordinary(text)) if text else 0
-
-
 class TextCounter:
     """Counts tokens of a text that arrives in arbitrary fragments, without drift.
 
@@ -187,59 +231,49 @@ class TextCounter:
     the sum over its pieces. A piece is committed (and counted) once text after it can no longer
     change it: all but the last two pieces, and none that ends within the last few characters
     (contractions such as "'ll" can still glue on). ``flush()`` counts the rest. The sum of all
-    returned counts equals ``count_text`` of the whole text, whatever the fragmentation.
+    returned counts equals ``Tokenizer.count`` of the whole text, whatever the fragmentation.
+    For estimated (non-exact) profiles the counts are fractional; callers round the total.
     """
 
-    __slots__ = ("_enc", "_pat", "_piece_cache", "_tail", "total")
+    __slots__ = ("_tail", "_tok", "total")
 
     # Pieces that end this close to the end of the pending text may still change.
     _MARGIN = 4
 
-    def __init__(self, enc: tiktoken.Encoding, pattern: regex.Pattern[str],
-                 piece_cache: dict[str, int]) -> None:
-        self._enc = enc
-        self._pat = pattern
-        self._piece_cache = piece_cache
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tok = tokenizer
         self._tail = ""
-        self.total = 0
+        self.total: float = 0
 
-    def feed(self, text: str) -> int:
+    def feed(self, text: str) -> float:
         if not text:
             return 0
         tail = self._tail + text
-        pieces = self._pat.findall(tail)
+        pieces = self._tok.pattern.findall(tail)
         if len(pieces) <= 2:
             self._tail = tail
             return 0
         keep_from = len(pieces) - 2
         limit = len(tail) - self._MARGIN
         end = 0
-        committed = 0
+        committed: float = 0
+        weight = self._tok.piece_weight
         for i in range(keep_from):
             piece_end = end + len(pieces[i])
             if piece_end > limit:
                 break
             end = piece_end
-            committed += self._piece_tokens(pieces[i])
+            committed += weight(pieces[i])
         self._tail = tail[end:]
         self.total += committed
         return committed
 
-    def flush(self) -> int:
+    def flush(self) -> float:
         if not self._tail:
             return 0
-        n = count_text(self._enc, self._tail)
+        n = self._tok.weigh(self._tail)
         self._tail = ""
         self.total += n
-        return n
-
-    def _piece_tokens(self, piece: str) -> int:
-        n = self._piece_cache.get(piece)
-        if n is None:
-            n = len(self._enc.encode_ordinary(piece))
-            if len(self._piece_cache) >= _PIECE_CACHE_MAX:
-                self._piece_cache.clear()
-            self._piece_cache[piece] = n
         return n
 
 
@@ -248,21 +282,54 @@ _PIECE_CACHE_MAX = 200_000
 
 
 class Tokenizer:
-    """One encoding plus what incremental counting needs (compiled pre-tokenizer, piece cache)."""
+    """One encoding and estimation profile, plus what incremental counting needs."""
 
-    __slots__ = ("enc", "name", "pattern", "piece_cache")
+    __slots__ = ("enc", "exact", "name", "pattern", "piece_cache", "profile")
 
-    def __init__(self, enc: tiktoken.Encoding) -> None:
+    def __init__(self, enc: tiktoken.Encoding, profile: Profile = EXACT) -> None:
         self.enc = enc
         self.name: str = enc.name
+        self.profile = profile
+        self.exact = profile is EXACT
         self.pattern: regex.Pattern[str] = regex.compile(enc._pat_str)
-        self.piece_cache: dict[str, int] = {}
+        self.piece_cache: dict[str, float] = {}
 
     def counter(self) -> TextCounter:
-        return TextCounter(self.enc, self.pattern, self.piece_cache)
+        return TextCounter(self)
+
+    def piece_weight(self, piece: str) -> float:
+        """Tokens of one pre-tokenizer piece under this profile (memoized)."""
+        n = self.piece_cache.get(piece)
+        if n is None:
+            n = self._weigh_piece(piece)
+            if len(self.piece_cache) >= _PIECE_CACHE_MAX:
+                self.piece_cache.clear()
+            self.piece_cache[piece] = n
+        return n
+
+    def _weigh_piece(self, piece: str) -> float:
+        base = len(self.enc.encode_ordinary(piece))
+        if self.exact:
+            return base
+        p = self.profile
+        if p.cjk_per_char is not None:
+            cjk = len(_CJK.findall(piece))
+            if cjk:
+                rest = _CJK.sub("", piece)
+                rest_n = len(self.enc.encode_ordinary(rest)) if rest.strip() else 0
+                return cjk * p.cjk_per_char + rest_n * p.text_factor
+        return base * p.text_factor
+
+    def weigh(self, text: str) -> float:
+        """Tokens of a whole text: exact for public tokenizers, else the profile's estimate."""
+        if not text:
+            return 0
+        if self.exact:
+            return len(self.enc.encode_ordinary(text))
+        return sum(self._weigh_piece(p) for p in self.pattern.findall(text))
 
     def count(self, text: str) -> int:
-        return count_text(self.enc, text)
+        return round(self.weigh(text))
 
 
 class Tokenizers:
@@ -270,22 +337,23 @@ class Tokenizers:
 
     def __init__(self, loader: Callable[[str], tiktoken.Encoding] = get_encoding) -> None:
         self._loader = loader
-        self._by_encoding: dict[str, Tokenizer] = {}
+        self._by_key: dict[tuple[str, Profile], Tokenizer] = {}
         self._lock = threading.Lock()
 
     def preload(self, names: tuple[str, ...] = SUPPORTED_ENCODINGS) -> None:
         for name in names:
             self.by_encoding(name)
 
-    def by_encoding(self, name: str) -> Tokenizer:
-        tok = self._by_encoding.get(name)
+    def by_encoding(self, name: str, profile: Profile = EXACT) -> Tokenizer:
+        key = (name, profile)
+        tok = self._by_key.get(key)
         if tok is None:
             with self._lock:
-                tok = self._by_encoding.get(name)
+                tok = self._by_key.get(key)
                 if tok is None:
-                    tok = Tokenizer(self._loader(name))
-                    self._by_encoding[name] = tok
+                    tok = Tokenizer(self._loader(name), profile)
+                    self._by_key[key] = tok
         return tok
 
     def for_model(self, model: str | None) -> Tokenizer:
-        return self.by_encoding(encoding_name_for_model(model))
+        return self.by_encoding(encoding_name_for_model(model), profile_for_model(model))

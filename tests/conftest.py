@@ -159,7 +159,8 @@ async def start_stack(tokenizers: Tokenizers, **overrides: Any) -> Stack:
     upstream = ScriptedUpstream()
     await upstream.start()
     fields: dict[str, Any] = {"upstream": upstream.url, "listen": ("127.0.0.1", 0),
-                              "metrics_listen": ("127.0.0.1", 0), **overrides}
+                              "metrics_listen": ("127.0.0.1", 0), "state": "memory://",
+                              **overrides}
     settings = Settings(**fields)
     registry = CollectorRegistry()
     records: list[dict[str, Any]] = []

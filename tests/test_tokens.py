@@ -125,3 +125,39 @@ def test_live_count_lags_by_at_most_a_few_tokens(tokenizers: Tokenizers) -> None
         c.feed(text[i:i + 3])
         seen = text[:i + 3]
         assert tok.count(seen) - c.total <= 4
+
+
+@pytest.mark.parametrize("model, profile", [
+    ("gpt-4o", "exact"), ("claude-sonnet-4-5", "claude"), ("us.anthropic.claude-3", "claude"),
+    ("anthropic/claude-3.5-sonnet", "claude"), ("ernie-4.0-8k", "ernie"), ("glm-4.7", "glm"),
+    ("qwen3-max", "qwen"), ("deepseek-reasoner", "deepseek"), ("llama-3.3-70b", "default"),
+    ("gemini-2.5-pro", "default"),
+])
+def test_profiles(model: str, profile: str) -> None:
+    assert tokens.profile_for_model(model).name == profile
+
+
+def test_cjk_rule_and_text_factor(tokenizers: Tokenizers) -> None:
+    ernie = tokenizers.for_model("ernie-4.0")
+    text = "根据您的要求，我已经计算了平均分。"
+    han = sum(1 for ch in text if "\u4e00" <= ch <= "\u9fff")
+    # Plus one token each for the full-width comma and full stop.
+    assert abs(ernie.weigh(text) - (han * 0.55 + 2 * 1.0)) < 1e-9
+    claude = tokenizers.for_model("claude-sonnet-4-5")
+    english = "Claude counts slightly more tokens than o200k for English text."
+    exact = tokenizers.for_model("gpt-4o").count(english)
+    assert abs(claude.weigh(english) - exact * 1.12) < 1e-9
+
+
+@given(text=TEXT, sizes=st.lists(st.integers(1, 6), min_size=1, max_size=6))
+@settings(max_examples=150, deadline=None)
+def test_profiled_counts_are_split_invariant(text: str, sizes: list[int]) -> None:
+    tok = _SHARED.for_model("ernie-4.0")
+    c = tok.counter()
+    pos = i = 0
+    while pos < len(text):
+        c.feed(text[pos:pos + sizes[i % len(sizes)]])
+        pos += sizes[i % len(sizes)]
+        i += 1
+    c.flush()
+    assert abs(c.total - tok.weigh(text)) < 1e-6

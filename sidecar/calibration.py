@@ -1,0 +1,68 @@
+"""Learned estimate corrections for models without a public tokenizer, sans-IO.
+
+After each request that has both a reported and an estimated count, the factor
+``reported / estimated`` of that model moves toward the observed ratio, weighted by tokens, so
+live estimates converge on what the provider bills. Outliers are ignored rather than learned:
+ratios far from 1 come from things the text does not show (hidden reasoning, server-side tools,
+context compaction), not from the tokenizer.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+# Observations whose ratio falls outside this band are not learned from (see module doc).
+RATIO_BAND = (0.5, 2.0)
+# Tokens of evidence after which old observations stop dominating: the factor keeps adapting.
+MAX_WEIGHT = 50_000.0
+# Requests smaller than this say more about framing overhead than about the tokenizer.
+MIN_TOKENS = 20
+
+
+@dataclass(slots=True)
+class Factor:
+    value: float = 1.0
+    weight: float = 0.0  # tokens of evidence behind value
+    samples: int = 0
+
+
+class Calibration:
+    """Per (model, token type) correction factors; thread-safe for the metering threads."""
+
+    def __init__(self, initial: dict[tuple[str, str], Factor] | None = None) -> None:
+        self._factors: dict[tuple[str, str], Factor] = dict(initial or {})
+        self._lock = threading.Lock()
+        self.dirty = False
+
+    def restore(self, factors: dict[tuple[str, str], Factor]) -> None:
+        with self._lock:
+            self._factors.update(factors)
+
+    def factor(self, model: str | None, token_type: str) -> float:
+        f = self._factors.get((model or "", token_type))
+        return f.value if f is not None else 1.0
+
+    def observe(self, model: str | None, token_type: str, raw_estimate: float,
+                reported: int) -> bool:
+        """Learn from one settled request; True if the factor moved."""
+        if not model or raw_estimate < MIN_TOKENS or reported < MIN_TOKENS:
+            return False
+        key = (model, token_type)
+        with self._lock:
+            f = self._factors.setdefault(key, Factor())
+            ratio = reported / (raw_estimate * f.value)
+            if not RATIO_BAND[0] <= ratio <= RATIO_BAND[1]:
+                return False
+            target = reported / raw_estimate
+            w = min(f.weight, MAX_WEIGHT)
+            f.value = (f.value * w + target * reported) / (w + reported)
+            f.weight = w + reported
+            f.samples += 1
+            self.dirty = True
+            return True
+
+    def snapshot(self) -> dict[tuple[str, str], Factor]:
+        with self._lock:
+            self.dirty = False
+            return {k: Factor(v.value, v.weight, v.samples) for k, v in self._factors.items()}

@@ -1,0 +1,55 @@
+"""The official anthropic SDK, pointed at the sidecar, sees the same events as directly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from anthropic import AsyncAnthropic
+
+from .conftest import Script, Stack
+
+
+def _event(kind: str, obj: dict[str, Any]) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **obj}) + b"\n\n"
+
+
+STREAM = b"".join([
+    _event("message_start", {"message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": "claude-x",
+        "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 25, "cache_read_input_tokens": 100,
+                  "cache_creation_input_tokens": 0, "output_tokens": 1}}}),
+    _event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+    _event("ping", {}),
+    *[_event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": w}})
+      for w in ("Hello", " from", " the", " sidecar", " test", "。你好")],
+    _event("content_block_stop", {"index": 0}),
+    _event("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                             "usage": {"output_tokens": 12}}),
+    _event("message_stop", {}),
+])
+
+
+async def _events(base_url: str, sid: str) -> list[Any]:
+    client = AsyncAnthropic(base_url=base_url, api_key="sk-ant-test", max_retries=0,
+                            default_headers={"X-Script": sid})
+    try:
+        stream = await client.messages.create(
+            model="claude-x", max_tokens=100, stream=True,
+            messages=[{"role": "user", "content": "hi"}])
+        return [e.model_dump() async for e in stream]
+    finally:
+        await client.close()
+
+
+async def test_streaming_through_sidecar_equals_direct(stack: Stack) -> None:
+    sid = stack.upstream.add(Script(chunks=[STREAM[:333], STREAM[333:]]))
+    direct = await _events(stack.upstream.url, sid)
+    proxied = await _events(stack.proxy_url, sid)
+    assert proxied == direct and direct[-1]["type"] == "message_stop"
+    rec = stack.records[-1]
+    assert rec["provider"] == "anthropic" and rec["source"] == "reported"
+    assert (rec["input_tokens"], rec["output_tokens"], rec["cached_input_tokens"]) == (
+        125, 12, 100)
+    assert stack.value("llm_tokens_total", token_type="cached_input", provider="anthropic") == 100
