@@ -38,8 +38,9 @@ def demo_settings(upstream: str, listen: tuple[str, int], metrics_listen: tuple[
                   records: str) -> Settings:
     keys = (KeyEntry(hashlib.sha256(DEMO_KEYS[0].encode()).hexdigest(), "alice", "research"),
             KeyEntry(hashlib.sha256(DEMO_KEYS[1].encode()).hexdigest(), "bob", "product"))
+    # The demo keeps nothing on disk: its learned factors would only describe the mock.
     return Settings(upstream=upstream, listen=listen, metrics_listen=metrics_listen,
-                    keys=keys, records=records, team_header="X-Team")
+                    keys=keys, records=records, team_header="X-Team", state="memory://")
 
 
 async def _traffic(proxy_url: str, stop: asyncio.Event, seed: int) -> None:

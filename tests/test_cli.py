@@ -46,7 +46,8 @@ async def test_run_serves_until_sigterm() -> None:
     await upstream.start()
     sid = upstream.add(Script(chunks=[chat_chunks("hello there", 3)]))
     proxy_port, metrics_port = _free_port(), _free_port()
-    env = {**os.environ, "SIDECAR_UPSTREAM": upstream.url, "SIDECAR_RECORDS": "off"}
+    env = {**os.environ, "SIDECAR_UPSTREAM": upstream.url, "SIDECAR_RECORDS": "off",
+           "SIDECAR_STATE": "memory://"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sidecar", "run", "--listen", f"127.0.0.1:{proxy_port}",
         "--metrics-listen", f"127.0.0.1:{metrics_port}", env=env, cwd=ROOT,
