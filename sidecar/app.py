@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import aiohttp
@@ -25,18 +27,23 @@ from prometheus_client import (
 
 from .attribution import Attributor
 from .calibration import Calibration
-from .config import Settings
-from .metrics import Metrics
-from .proxy import Proxy, RecordSink
-from .state import SQLiteState, parse_state_url
+from .config import ConfigError, Settings, load_settings
+from .ledger import Ledger
+from .metrics import BudgetCollector, Metrics
+from .notifier import Notifier
+from .prices import PriceTable
+from .proxy import Policy, Proxy, RecordSink
+from .state import StateStore, open_store
 from .tokens import Tokenizers, encoding_source
 
 log = logging.getLogger("sidecar")
 
 SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
-READY_KEY = web.AppKey("ready", asyncio.Event)
-# How often learned estimate factors are written to the state file (and at shutdown).
-STATE_FLUSH_SECONDS = 5.0
+# Budget spend is checkpointed this often, so a crash loses at most about this much accounting.
+CHECKPOINT_SECONDS = 1.0
+# Learned estimate factors change slowly: written every this many checkpoints (and at shutdown).
+CALIBRATION_EVERY = 5
+WATCH_SECONDS = 2.0
 
 
 def record_writer(target: str) -> tuple[RecordSink, Callable[[], None]]:
@@ -59,12 +66,39 @@ def record_writer(target: str) -> tuple[RecordSink, Callable[[], None]]:
     return write, close
 
 
+def policy_for(settings: Settings) -> Policy:
+    return Policy(Attributor(settings.keys, settings.team_header, settings.key_hash_secret),
+                  PriceTable.with_defaults(settings.prices))
+
+
 @dataclass(slots=True)
 class Apps:
     proxy: web.Application
     metrics: web.Application
     registry: CollectorRegistry
     handler: Proxy
+    ledger: Ledger
+    settings: Settings
+    reloads: list[str] = field(default_factory=list)
+
+    def apply(self, new: Settings) -> None:
+        """Hot reload: prices, attribution and budgets. Streams in flight keep their charge."""
+        self.handler.policy = policy_for(new)
+        self.ledger.set_budgets(new.budgets)
+        self.settings.prices, self.settings.budgets = new.prices, new.budgets
+        self.reloads.append(time.strftime("%Y-%m-%dT%H:%M:%S"))
+        log.info("config reloaded: %d budgets, %d price overrides, %d key aliases",
+                 len(new.budgets), len(new.prices), len(new.keys))
+
+    def reload_from(self, file: str | None, flags: Mapping[str, Any] | None = None) -> bool:
+        """Reload from the config file; an invalid file is refused and the old config kept."""
+        try:
+            new = load_settings(file, flags=flags)
+        except ConfigError as exc:
+            log.error("config reload refused, keeping the running config:\n%s", exc)
+            return False
+        self.apply(new)
+        return True
 
 
 def make_app(
@@ -74,44 +108,26 @@ def make_app(
     tokenizers: Tokenizers | None = None,
     record_sink: RecordSink | None = None,
     clock: Callable[[], float] = time.monotonic,
+    wall: Callable[[], float] = time.time,
+    store_factory: Callable[[str], StateStore] = open_store,
 ) -> Apps:
     """Build both apps. Nothing is opened until the apps start (see cleanup_ctx)."""
     registry = registry if registry is not None else CollectorRegistry()
     tokenizers = tokenizers or Tokenizers()
     metrics = Metrics(registry, max_keys=settings.max_keys, max_teams=settings.max_teams,
                       max_models=settings.max_models)
+    ledger = Ledger(settings.budgets)
+    registry.register(BudgetCollector(ledger, wall))
     close_records: Callable[[], None] = lambda: None  # noqa: E731
     if record_sink is None:
         record_sink, close_records = record_writer(settings.records)
     proxy_app = web.Application(client_max_size=settings.max_request_body)
     ready = asyncio.Event()
-    proxy_app[READY_KEY] = ready
     calibration = Calibration()
-
-    async def state_ctx(app: web.Application) -> AsyncIterator[None]:
-        loop = asyncio.get_running_loop()
-        store = await loop.run_in_executor(
-            None, SQLiteState, parse_state_url(settings.state))
-        learned = await loop.run_in_executor(None, store.load_calibration)
-        calibration.restore(learned)
-        log.info("state %s: %d learned estimate factors", settings.state, len(learned))
-
-        async def flush_forever() -> None:
-            while True:
-                await asyncio.sleep(STATE_FLUSH_SECONDS)
-                if calibration.dirty:
-                    await loop.run_in_executor(None, store.save_calibration,
-                                               calibration.snapshot())
-
-        flusher = asyncio.create_task(flush_forever(), name="sidecar-state-flush")
-        yield
-        flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await flusher
-        await loop.run_in_executor(None, store.save_calibration, calibration.snapshot())
-        await loop.run_in_executor(None, store.close)
-
-    proxy_app.cleanup_ctx.append(state_ctx)
+    handler = Proxy(settings, session_getter=lambda: proxy_app[SESSION_KEY], metrics=metrics,
+                    tokenizers=tokenizers, policy=policy_for(settings), ledger=ledger,
+                    record_sink=record_sink, calibration=calibration, clock=clock, wall=wall)
+    apps = Apps(proxy_app, web.Application(), registry, handler, ledger, settings)
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         # Load tokenizers off the loop: the first load parses a few MB of vocabulary.
@@ -126,26 +142,66 @@ def make_app(
             connector=connector, timeout=timeout, auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
         app[SESSION_KEY] = session
-        ready.set()
         yield
-        ready.clear()
         await session.close()
         close_records()
 
-    proxy_app.cleanup_ctx.append(session_ctx)
-    handler = Proxy(
-        settings,
-        session_getter=lambda: proxy_app[SESSION_KEY],
-        metrics=metrics,
-        tokenizers=tokenizers,
-        attributor=Attributor(settings.keys, settings.team_header, settings.key_hash_secret),
-        calibration=calibration,
-        record_sink=record_sink,
-        clock=clock,
-    )
-    proxy_app.router.add_route("*", "/{tail:.*}", handler.handle)
+    async def state_ctx(app: web.Application) -> AsyncIterator[None]:
+        store = store_factory(settings.state)
+        learned = await store.load_calibration()
+        calibration.restore(learned)
+        ledger.load(await store.load_spend(ledger.live_keys(wall())))
+        log.info("state %s: %d learned estimate factors, %d budgets", settings.state,
+                 len(learned), len(ledger.budgets))
+        notifier: Notifier | None = None
+        hook_session: aiohttp.ClientSession | None = None
+        if settings.webhook_url:
+            hook_session = aiohttp.ClientSession()
+            notifier = Notifier(settings.webhook_url, store, hook_session,
+                                timeout=settings.webhook_timeout)
+        ticker = asyncio.create_task(_tick(store, notifier), name="sidecar-state-checkpoint")
+        ready.set()
+        yield
+        ready.clear()
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
+        await _checkpoint(store, force_calibration=True)
+        if notifier is not None:
+            await notifier.close()
+        if hook_session is not None:
+            await hook_session.close()
+        await store.close()
 
-    metrics_app = web.Application()
+    async def _checkpoint(store: StateStore, force_calibration: bool = False) -> None:
+        now = wall()
+        deltas = ledger.take_pending()
+        try:
+            totals = await store.apply_spend(deltas, {k: ledger.expiry(k) for k in deltas},
+                                             ledger.live_keys(now))
+        except Exception as exc:  # the store is down: keep counting, retry next tick
+            ledger.restore_pending(deltas)
+            log.warning("state checkpoint failed (%s); retrying", type(exc).__name__)
+            return
+        if totals is not None:
+            ledger.load(totals)
+        ledger.prune(now)
+        if force_calibration or calibration.dirty:
+            await store.save_calibration(calibration.snapshot())
+
+    async def _tick(store: StateStore, notifier: Notifier | None) -> None:
+        n = 0
+        while True:
+            await asyncio.sleep(CHECKPOINT_SECONDS)
+            n += 1
+            await _checkpoint(store, force_calibration=False if n % CALIBRATION_EVERY else
+                              calibration.dirty)
+            if notifier is not None:
+                await notifier.check(ledger.statuses(wall()))
+
+    proxy_app.cleanup_ctx.append(session_ctx)
+    proxy_app.cleanup_ctx.append(state_ctx)
+    proxy_app.router.add_route("*", "/{tail:.*}", handler.handle)
 
     async def metrics_view(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry),
@@ -159,10 +215,22 @@ def make_app(
             return web.json_response({"status": "ready"})
         return web.json_response({"status": "starting"}, status=503)
 
-    metrics_app.router.add_get("/metrics", metrics_view)
-    metrics_app.router.add_get("/healthz", healthz)
-    metrics_app.router.add_get("/readyz", readyz)
-    return Apps(proxy_app, metrics_app, registry, handler)
+    async def budgets_view(request: web.Request) -> web.Response:
+        token = settings.admin_token
+        if token is not None:
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), token.reveal().encode()):
+                return web.json_response({"error": "admin token required"}, status=401)
+        now = wall()
+        return web.json_response({"budgets": [st.as_json() for st in ledger.statuses(now)],
+                                  "reloads": apps.reloads},
+                                 dumps=lambda o: orjson.dumps(o).decode())
+
+    apps.metrics.router.add_get("/metrics", metrics_view)
+    apps.metrics.router.add_get("/healthz", healthz)
+    apps.metrics.router.add_get("/readyz", readyz)
+    apps.metrics.router.add_get("/budgets", budgets_view)
+    return apps
 
 
 def default_registry() -> CollectorRegistry:
@@ -201,18 +269,39 @@ async def start(apps: Apps, settings: Settings, *, shutdown_timeout: float = 30.
     return Running(runners, ports[0], ports[1])
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGINT/SIGTERM; in-flight streams get the shutdown grace period."""
+async def serve(settings: Settings, flags: Mapping[str, Any] | None = None) -> None:
+    """Run until SIGINT/SIGTERM; SIGHUP (or a file change with watch_config) reloads."""
     apps = make_app(settings, registry=default_registry())
     running = await start(apps, settings)
-    log.info("proxy on %s:%d -> %s; metrics on %s:%d", settings.listen[0], running.proxy_port,
-             settings.upstream, settings.metrics_listen[0], running.metrics_port)
+    log.info("proxy on %s:%d, metrics on %s:%d", settings.listen[0], running.proxy_port,
+             settings.metrics_listen[0], running.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if settings.config_file:
+        loop.add_signal_handler(signal.SIGHUP, apps.reload_from, settings.config_file, flags)
+    watcher = None
+    if settings.watch_config and settings.config_file:
+        watcher = asyncio.create_task(_watch(apps, settings.config_file, flags),
+                                      name="sidecar-config-watch")
     try:
         await stop.wait()
     finally:
-        log.info("shutting down")
+        log.info("shutting down: in-flight streams get the grace period")
+        if watcher is not None:
+            watcher.cancel()
         await running.stop()
+
+
+async def _watch(apps: Apps, file: str, flags: Mapping[str, Any] | None) -> None:
+    last = os.stat(file).st_mtime_ns
+    while True:
+        await asyncio.sleep(WATCH_SECONDS)
+        try:
+            mtime = os.stat(file).st_mtime_ns
+        except OSError:
+            continue
+        if mtime != last:
+            last = mtime
+            apps.reload_from(file, flags)

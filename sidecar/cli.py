@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .app import serve
 
         try:
-            asyncio.run(serve(settings))
+            asyncio.run(serve(settings, flags))
         except KeyboardInterrupt:
             pass
         return 0

@@ -90,6 +90,12 @@ class Settings:
     keys: tuple[KeyEntry, ...] = ()
     records: str = "-"
     state: str = "sqlite:///sidecar-state.db"
+    prices: dict[str, Any] = field(default_factory=dict)  # model -> prices.Price overrides
+    budgets: tuple[Any, ...] = ()  # budgets.Budget
+    webhook_url: str | None = None
+    webhook_timeout: float = 5.0
+    admin_token: Secret | None = None
+    watch_config: bool = False
     log_level: str = "INFO"
     config_file: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -240,6 +246,14 @@ OPTIONS: tuple[Option, ...] = (
            "where the per-request JSON lines go: '-' for stderr, 'off', or a file path"),
     Option("state", "state", "SIDECAR_STATE", lambda v: _state_url(v),
            "durable state: sqlite:///PATH (default sqlite:///sidecar-state.db) or memory://"),
+    Option("webhook_url", "notify.webhook_url", "SIDECAR_WEBHOOK_URL", _url,
+           "POST budget threshold crossings here (optional; for teams without Alertmanager)"),
+    Option("webhook_timeout", "notify.timeout", "SIDECAR_WEBHOOK_TIMEOUT", _positive_float,
+           "seconds per webhook attempt (default 5)"),
+    Option("admin_token", "admin_token", "SIDECAR_ADMIN_TOKEN", lambda v: Secret(_label(v)),
+           "if set, GET /budgets needs 'Authorization: Bearer TOKEN'"),
+    Option("watch_config", "watch_config", "SIDECAR_WATCH_CONFIG", lambda v: _bool(v),
+           "reload the config file when it changes (SIGHUP always reloads)"),
     Option("log_level", "log_level", "SIDECAR_LOG_LEVEL",
            lambda v: _choice("debug", "info", "warning", "error")(v).upper(),
            "log level (default info)"),
@@ -258,6 +272,7 @@ def _lookup(tree: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
 
 
 _KNOWN_TOP = {o.file_key.split(".")[0] for o in OPTIONS}
+_SECTIONS = {"routes", "prices", "budgets"}
 
 
 def _parse_keys(raw: Any, problems: list[str]) -> tuple[KeyEntry, ...]:
@@ -328,6 +343,41 @@ def _parse_routes(raw: Any, problems: list[str]) -> tuple[Route, ...]:
     return tuple(out)
 
 
+def _parse_prices(raw: Any, problems: list[str]) -> dict[str, Any]:
+    from .prices import Price
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        problems.append("prices: expected model: {input: USD, output: USD, ...} per 1M tokens")
+        return {}
+    out = {}
+    fields = ("input", "output", "cached_input", "cache_write_input", "reasoning")
+    for model, entry in raw.items():
+        where = f"prices.{model}"
+        if not isinstance(entry, Mapping):
+            problems.append(f"{where}: expected {{input: USD, output: USD}} per 1M tokens")
+            continue
+        unknown = set(entry) - set(fields)
+        if unknown:
+            problems.append(f"{where}: unknown keys {sorted(unknown)} (known: {', '.join(fields)})")
+            continue
+        values: dict[str, float] = {}
+        for f in fields:
+            v = entry.get(f)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+                problems.append(f"{where}.{f}: expected USD per 1M tokens, a number >= 0")
+                continue
+            values[f] = float(v)
+        if "input" not in values or "output" not in values:
+            problems.append(f"{where}: input and output prices are required")
+            continue
+        out[str(model).lower()] = Price(**values)
+    return out
+
+
 def all_routes(settings: Settings) -> list[Route]:
     """Configured routes, plus --upstream as the catch-all; longest prefix first."""
     routes = list(settings.routes)
@@ -362,9 +412,9 @@ def load_settings(
             raise ConfigError([f"config: {file} must hold a mapping at the top level"])
         tree = loaded
         for key in tree:
-            if key not in _KNOWN_TOP and key != "routes":
+            if key not in _KNOWN_TOP | _SECTIONS:
                 problems.append(
-                    f"{key}: unknown key (known: {', '.join(sorted(_KNOWN_TOP | {'routes'}))})")
+                    f"{key}: unknown key (known: {', '.join(sorted(_KNOWN_TOP | _SECTIONS))})")
 
     settings = Settings(config_file=file)
     for opt in OPTIONS:
@@ -380,12 +430,16 @@ def load_settings(
         try:
             setattr(settings, opt.attr, opt.parse(value))
         except (ValueError, TypeError) as exc:
-            shown = "<hidden>" if opt.attr == "key_hash_secret" else repr(value)
+            shown = "<hidden>" if opt.attr in ("key_hash_secret", "admin_token") else repr(value)
             problems.append(f"{origin}: {shown} is invalid: {exc}")
 
     found, raw_keys = _lookup(tree, "attribution.keys")
     settings.keys = _parse_keys(raw_keys if found else None, problems)
     settings.routes = _parse_routes(tree.get("routes"), problems)
+    settings.prices = _parse_prices(tree.get("prices"), problems)
+    from .budgets import parse_budgets
+
+    settings.budgets = parse_budgets(tree.get("budgets"), problems)
     if not settings.upstream and not settings.routes:
         problems.append(
             "upstream: required (fix: --upstream URL, SIDECAR_UPSTREAM, 'upstream:' or "

@@ -126,6 +126,11 @@ class SSEDecoder:
         self._buf = rest
         return out
 
+    def at_boundary(self) -> bool:
+        """Between events: nothing of a next event has arrived yet."""
+        return not self._buf and not self._skip_lf and not (
+            self._data or self._event is not None or self._fields or self._id is not None)
+
     def close(self) -> list[Item]:
         """End of stream: flush a final unterminated line and dispatch a pending event."""
         out: list[Item] = []
@@ -213,6 +218,9 @@ class NDJSONDecoder:
             self._dropping = True
             self._buf = b""
         return out
+
+    def at_boundary(self) -> bool:
+        return not self._buf
 
     def close(self) -> list[Item]:
         out: list[Item] = []

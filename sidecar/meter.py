@@ -182,6 +182,15 @@ class Meter:
             self._committed += counter.flush()
         self._ended = True
 
+    def at_frame_boundary(self) -> bool:
+        """True when a frame of our own could be written to the client without splitting one
+        of the upstream's (SSE and NDJSON, uncompressed only)."""
+        dec = self._decoder
+        if self._inflater is not None or dec is None:
+            return False
+        at = getattr(dec, "at_boundary", None)
+        return bool(at is not None and at())
+
     def take_live(self) -> int:
         """Output tokens estimated since the last call (for the live counter).
 
@@ -251,7 +260,9 @@ class Meter:
         return round(sum(self._counters[s].total for s in self._reasoning_slots)
                      * self.output_scale)
 
-    def settle(self) -> Settlement:
+    def settle(self, billable: bool = True) -> Settlement:
+        """The final counts. ``billable=False`` (the provider never answered, or refused the
+        request without usage or output) settles the unreported counts as zero."""
         r = self.reported
         if self.info.embeddings and r.output is None and not self._counters:
             r.output = 0  # nothing is generated: zero output is a fact, not an estimate
@@ -263,8 +274,9 @@ class Meter:
             reasoning, reasoning_source = self.estimated_reasoning, SOURCE_ESTIMATED
         else:
             reasoning, reasoning_source = None, None
+        prompt = self.prompt_estimate if billable else 0
         return Settlement(
-            input_tokens=r.input if r.input is not None else self.prompt_estimate,
+            input_tokens=r.input if r.input is not None else prompt,
             output_tokens=r.output if r.output is not None else est_out,
             cached_input_tokens=r.cached_input,
             cache_write_input_tokens=r.cache_write_input,

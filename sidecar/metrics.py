@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .ledger import Ledger
 from .meter import SOURCE_ESTIMATED, Settlement
 
 OTHER = "other"
@@ -55,6 +57,36 @@ class _CapCollector(Collector):
         yield g
 
 
+class BudgetCollector(Collector):
+    """Budget gauges computed at scrape time from the ledger (settled plus in-flight)."""
+
+    def __init__(self, ledger: Ledger, wall: Callable[[], float]) -> None:
+        self._ledger = ledger
+        self._wall = wall
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        limit = GaugeMetricFamily("llm_budget_limit", "Budget limit in its unit",
+                                  labels=["budget", "unit"])
+        spent = GaugeMetricFamily(
+            "llm_budget_spent", "Spent in the current window, in-flight estimates included",
+            labels=["budget", "unit"])
+        ratio = GaugeMetricFamily("llm_budget_usage_ratio", "Spent / limit", labels=["budget"])
+        end = GaugeMetricFamily("llm_budget_window_end_timestamp_seconds",
+                                "When the current window ends (rolling: now)", labels=["budget"])
+        thresholds = GaugeMetricFamily(
+            "llm_budget_threshold", "Configured alert thresholds, as ratios of the limit",
+            labels=["budget", "threshold"])
+        for st in self._ledger.statuses(self._wall()):
+            b = st.budget
+            limit.add_metric([b.name, b.unit], b.limit)
+            spent.add_metric([b.name, b.unit], st.spent)
+            ratio.add_metric([b.name], st.ratio)
+            end.add_metric([b.name], st.window_end)
+            for t in b.thresholds:
+                thresholds.add_metric([b.name, f"{t:g}"], t)
+        yield from (limit, spent, ratio, end, thresholds)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry, *, max_keys: int = 1000,
                  max_teams: int = 200, max_models: int = 200) -> None:
@@ -91,6 +123,20 @@ class Metrics:
         self.frame_errors = Counter(
             "llm_frame_errors", "Frames or bodies the meter could not read (passed through)",
             ["provider"], registry=registry)
+        self.cost_usd = Counter(
+            "llm_cost_usd", "Settled cost in USD from the price table",
+            ["provider", "model", "key", "team", "source"], registry=registry)
+        self.unpriced = Counter(
+            "llm_unpriced_tokens", "Settled tokens of models with no price (not in any cost)",
+            ["provider", "model"], registry=registry)
+
+    def cost(self, provider: str, model: str, key: str, team: str, source: str,
+             usd: float | None, tokens: int) -> None:
+        if usd is None:
+            if tokens:
+                self.unpriced.labels(provider, model).inc(tokens)
+        elif usd > 0:
+            self.cost_usd.labels(provider, model, key, team, source).inc(usd)
 
     def model_label(self, model: str | None) -> str:
         return self.cap_model(model)

@@ -18,14 +18,18 @@ import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from .attribution import Attributor
 from .calibration import Calibration
-from .config import Settings, all_routes
+from .config import Settings
 from .dialects import AUTO, detect, get_dialect, provider_for
+from .errors import error_body as api_error_body
+from .errors import stream_error_event
+from .ledger import Charge, Ledger, exhausted
 from .meter import Meter, Settlement
 from .metrics import Metrics
+from .prices import PriceTable, settlement_cost
+from .routing import Target, route, targets
 from .tokens import Tokenizers
 from .usage_inject import UsageChunkFilter, inject
 
@@ -46,6 +50,8 @@ OUTCOME_COMPLETED = "completed"
 OUTCOME_CLIENT_DISCONNECTED = "client_disconnected"
 OUTCOME_UPSTREAM_ERROR = "upstream_error"
 OUTCOME_TIMEOUT = "timeout"
+OUTCOME_REJECTED = "rejected"
+OUTCOME_CUT_OFF = "cut_off"
 
 RecordSink = Callable[[dict[str, Any]], None]
 
@@ -65,32 +71,12 @@ def error_body(message: str, kind: str) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": kind, "code": None}})
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A configured route, resolved: where its requests go and how they are read."""
+@dataclass(slots=True)
+class Policy:
+    """What a config reload replaces: attribution, prices; budgets live in the ledger."""
 
-    prefix: str
-    url: URL
-    dialect: str  # "auto" or a dialect name
-    provider: str | None
-    strip_prefix: bool
-    include_usage: bool
-
-    def matches(self, path: str) -> bool:
-        p = self.prefix
-        return p == "/" or path == p or path.startswith(p + "/")
-
-    def upstream_url(self, raw_path: str) -> URL:
-        if self.strip_prefix and self.prefix != "/":
-            raw_path = raw_path[len(self.prefix):] or "/"
-            if not raw_path.startswith("/"):
-                raw_path = "/" + raw_path
-        return URL(str(self.url).rstrip("/") + raw_path, encoded=True)
-
-
-def targets(settings: Settings) -> list[Target]:
-    return [Target(r.prefix, URL(r.upstream), r.dialect, r.provider, r.strip_prefix,
-                   r.include_usage) for r in all_routes(settings)]
+    attributor: Attributor
+    prices: PriceTable
 
 
 class Proxy:
@@ -102,26 +88,24 @@ class Proxy:
         session_getter: Callable[[], aiohttp.ClientSession],
         metrics: Metrics,
         tokenizers: Tokenizers,
-        attributor: Attributor,
+        policy: Policy,
+        ledger: Ledger,
         record_sink: RecordSink,
         calibration: Calibration | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self._session = session_getter
         self.metrics = metrics
         self.tokenizers = tokenizers
-        self.attributor = attributor
+        self.policy = policy
+        self.ledger = ledger
         self.record = record_sink
         self.calibration = calibration or Calibration()
         self.clock = clock
+        self.wall = wall
         self.targets = targets(settings)
-
-    def route(self, path: str) -> Target | None:
-        for t in self.targets:
-            if t.matches(path):
-                return t
-        return None
 
     async def _read_body(self, request: web.Request) -> bytes | None:
         limit = self.settings.max_request_body
@@ -142,7 +126,7 @@ class Proxy:
             return web.Response(status=400, content_type="application/json",
                                 body=error_body("absolute-URI and CONNECT requests are refused; "
                                                 "this is not an open proxy", "invalid_request"))
-        target = self.route(request.path)
+        target = route(self.targets, request.path)
         if target is None:
             return web.Response(status=404, content_type="application/json",
                                 body=error_body(f"no route for {request.path}",
@@ -154,14 +138,21 @@ class Proxy:
                 body=error_body(f"request body exceeds the sidecar limit of "
                                 f"{self.settings.max_request_body} bytes (max_request_body)",
                                 "request_too_large"))
+        ex = self._exchange(request, target, body, t0)
+        blocked = exhausted(self.ledger, ex.charge.blocking, self.wall())
+        if blocked is not None:
+            return self._reject(ex, blocked.name)
+        return await self._forward(request, target, ex)
 
+    def _exchange(self, request: web.Request, target: Target, body: bytes,
+                  t0: float) -> _Exchange:
+        """Everything known before forwarding: dialect, attribution, meter, budgets."""
         m = self.metrics
         dialect_name = (detect(request.path, dict(request.headers))
                         if target.dialect == AUTO else target.dialect)
         dialect = get_dialect(dialect_name)
         provider = target.provider or provider_for(dialect_name, target.url.host)
-        ident = self.attributor.identify(request.headers, request.query_string)
-        key, team = m.cap_key(ident.key), m.cap_team(ident.team)
+        ident = self.policy.attributor.identify(request.headers, request.query_string)
         info = dialect.parse_request(request.path, request.query_string, body)
         tokenizer = self.tokenizers.for_model(info.model)
         meter = Meter(dialect, info, tokenizer, self.clock,
@@ -170,17 +161,37 @@ class Proxy:
         if not tokenizer.exact:
             meter.output_scale = self.calibration.factor(model, "output")
             meter.input_scale = self.calibration.factor(model, "input")
-        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        budgets = self.ledger.matching({"key": ident.key, "team": ident.team,
+                                        "model": info.model or "", "provider": provider})
+        charge = Charge(budgets, self.policy.prices.lookup(info.model),
+                        blocking=tuple(b for b in budgets if b.action == "block"))
+        return _Exchange(
+            request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex,
+            method=request.method, path=request.path, stream_requested=info.stream, t0=t0,
+            key=m.cap_key(ident.key), team=m.cap_team(ident.team), provider=provider,
+            model=model, dialect=dialect_name, meter=meter, charge=charge, body=body)
+
+    def _reject(self, ex: _Exchange, budget: str) -> web.Response:
+        """429 in the caller's API format, before anything is sent upstream."""
+        message = f"budget {budget!r} is exhausted for this window"
+        body, headers = api_error_body(ex.dialect, message)
+        ex.status, ex.outcome, ex.error, ex.billable = 429, OUTCOME_REJECTED, message, False
+        self._finish(ex)
+        return web.Response(status=429, body=body, content_type="application/json",
+                            headers=headers)
+
+    async def _forward(self, request: web.Request, target: Target,
+                       ex: _Exchange) -> web.StreamResponse:
+        m, meter, body = self.metrics, ex.meter, ex.body
         usage_filter: UsageChunkFilter | None = None
-        if target.include_usage and dialect_name == "openai":
-            injected = inject(info.body)
+        if target.include_usage and ex.dialect == "openai":
+            injected = inject(meter.info.body)
             if injected is not None:
                 body = injected
                 usage_filter = UsageChunkFilter()
-
         loop = asyncio.get_running_loop()
         estimate: asyncio.Future[int] | None = None
-        if info.body is not None:
+        if meter.info.body is not None:
             if len(body) > OFFLOAD_BYTES:
                 estimate = loop.run_in_executor(None, meter.estimate_prompt)
             else:
@@ -192,7 +203,6 @@ class Proxy:
         if usage_filter is not None:
             # The meter must be able to read what it filters: ask for an uncompressed stream.
             headers.popall("Accept-Encoding", None)
-        state = _Exchange(request_id, request, info.stream, t0, key, team, provider, model)
         try:
             up = await self._session().request(
                 request.method, target.upstream_url(request.raw_path), headers=headers,
@@ -201,20 +211,22 @@ class Proxy:
             timed_out = isinstance(exc, TimeoutError)
             if estimate is not None:
                 await estimate
-            self._live_input(meter, state)
-            state.status = 504 if timed_out else 502
-            state.outcome = OUTCOME_TIMEOUT if timed_out else OUTCOME_UPSTREAM_ERROR
-            state.error = f"upstream {'timed out' if timed_out else 'unreachable'}: " \
-                          f"{type(exc).__name__}"
-            self._finish(meter, state)
-            return web.Response(status=state.status, content_type="application/json",
-                                body=error_body(state.error, "upstream_error"))
+            self._live_input(ex)
+            ex.status = 504 if timed_out else 502
+            ex.outcome = OUTCOME_TIMEOUT if timed_out else OUTCOME_UPSTREAM_ERROR
+            ex.error = f"upstream {'timed out' if timed_out else 'unreachable'}: " \
+                       f"{type(exc).__name__}"
+            ex.billable = False  # the provider never answered: nothing to bill
+            self._finish(ex)
+            return web.Response(status=ex.status, content_type="application/json",
+                                body=error_body(ex.error, "upstream_error"))
 
         if estimate is not None:
             await estimate
-        state.status = up.status
-        self._live_input(meter, state)
-        meter.start_response(up.headers.get("Content-Type"), up.headers.get("Content-Encoding"))
+        ex.status = up.status
+        self._live_input(ex)
+        content_type = up.headers.get("Content-Type", "")
+        meter.start_response(content_type, up.headers.get("Content-Encoding"))
         resp = web.StreamResponse(status=up.status, reason=up.reason)
         for name, value in up.headers.items():
             if name.lower() not in HOP_BY_HOP:
@@ -225,32 +237,32 @@ class Proxy:
             usage_filter = None
         streamed = meter.streamed
         if streamed:
-            m.in_flight.labels(provider, model).inc()
-        live = m.live_tokens.labels(provider, model, "output", key, team)
+            m.in_flight.labels(ex.provider, ex.model).inc()
         try:
-            await self._relay(request, resp, up, meter, live, state, usage_filter)
+            await self._relay(request, resp, up, ex, usage_filter, content_type)
         finally:
             if streamed:
-                m.in_flight.labels(provider, model).dec()
-            if state.outcome == OUTCOME_COMPLETED:
+                m.in_flight.labels(ex.provider, ex.model).dec()
+            if ex.outcome == OUTCOME_COMPLETED:
                 up.release()
             else:
                 up.close()
             meter.end_of_body()
-            n = meter.take_live()
-            if n:
-                live.inc(n)
-            self._finish(meter, state)
-        if state.abort and request.transport is not None:
+            self._live_output(ex)
+            self._finish(ex)
+        if ex.abort and request.transport is not None:
             # The upstream broke mid-body: end the client's connection the same way rather
             # than sending a clean end of body the upstream never sent.
             request.transport.close()
         return resp
 
     async def _relay(self, request: web.Request, resp: web.StreamResponse,
-                     up: aiohttp.ClientResponse, meter: Meter, live: Any,
-                     state: _Exchange, usage_filter: UsageChunkFilter | None) -> None:
+                     up: aiohttp.ClientResponse, ex: _Exchange,
+                     usage_filter: UsageChunkFilter | None, content_type: str) -> None:
         loop = asyncio.get_running_loop()
+        meter = ex.meter
+        cut_off = tuple(b for b in ex.charge.blocking if b.cut_off_streams) \
+            if meter.streamed else ()
         client_ok = True
         drain_deadline: float | None = None
         try:
@@ -258,7 +270,7 @@ class Proxy:
                 await resp.prepare(request)
             except (ConnectionError, RuntimeError):
                 client_ok = False
-                state.outcome = OUTCOME_CLIENT_DISCONNECTED
+                ex.outcome = OUTCOME_CLIENT_DISCONNECTED
                 if self.settings.client_disconnect == "close":
                     return
                 drain_deadline = self.clock() + self.settings.drain_timeout
@@ -269,7 +281,7 @@ class Proxy:
                                          else usage_filter.feed(chunk))
                     except (ConnectionError, RuntimeError):
                         client_ok = False
-                        state.outcome = OUTCOME_CLIENT_DISCONNECTED
+                        ex.outcome = OUTCOME_CLIENT_DISCONNECTED
                         if self.settings.client_disconnect == "close":
                             meter.feed(chunk)
                             return
@@ -278,10 +290,11 @@ class Proxy:
                     await loop.run_in_executor(None, meter.feed, chunk)
                 else:
                     meter.feed(chunk)
-                n = meter.take_live()
-                if n:
-                    live.inc(n)
+                self._live_output(ex)
                 if drain_deadline is not None and self.clock() > drain_deadline:
+                    return
+                if client_ok and cut_off and await self._cut_off(resp, ex, cut_off,
+                                                                 content_type):
                     return
             if client_ok:
                 try:
@@ -289,48 +302,84 @@ class Proxy:
                         await resp.write(usage_filter.close())
                     await resp.write_eof()
                 except (ConnectionError, RuntimeError):
-                    state.outcome = OUTCOME_CLIENT_DISCONNECTED
+                    ex.outcome = OUTCOME_CLIENT_DISCONNECTED
                     return
-            if state.outcome is None:
-                state.outcome = OUTCOME_COMPLETED
+            if ex.outcome is None:
+                ex.outcome = OUTCOME_COMPLETED
         except TimeoutError:
-            state.outcome = state.outcome or OUTCOME_TIMEOUT
-            state.error = "upstream idle past the read timeout"
-            state.abort = client_ok
+            ex.outcome = ex.outcome or OUTCOME_TIMEOUT
+            ex.error = "upstream idle past the read timeout"
+            ex.abort = client_ok
         except (aiohttp.ClientError, OSError) as exc:
-            state.outcome = state.outcome or OUTCOME_UPSTREAM_ERROR
-            state.error = f"upstream broke mid-body: {type(exc).__name__}"
-            state.abort = client_ok
+            ex.outcome = ex.outcome or OUTCOME_UPSTREAM_ERROR
+            ex.error = f"upstream broke mid-body: {type(exc).__name__}"
+            ex.abort = client_ok
 
-    def _live_input(self, meter: Meter, st: _Exchange) -> None:
-        if meter.prompt_estimate:
-            self.metrics.live_tokens.labels(st.provider, st.model, "input", st.key, st.team).inc(
-                meter.prompt_estimate)
+    async def _cut_off(self, resp: web.StreamResponse, ex: _Exchange, budgets: tuple[Any, ...],
+                       content_type: str) -> bool:
+        """End a stream that crossed a hard limit, cleanly, between two upstream frames."""
+        hit = exhausted(self.ledger, budgets, self.wall())
+        if hit is None or not ex.meter.at_frame_boundary():
+            return False
+        message = f"budget {hit.name!r} exhausted mid-stream"
+        event = stream_error_event(ex.dialect, message, content_type)
+        if event is None:
+            return False
+        try:
+            await resp.write(event)
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
+        ex.outcome, ex.error = OUTCOME_CUT_OFF, message
+        return True
 
-    def _finish(self, meter: Meter, state: _Exchange) -> None:
-        provider, model, key, team = state.provider, state.model, state.key, state.team
+    def _live_input(self, ex: _Exchange) -> None:
+        n = ex.meter.prompt_estimate
+        if n:
+            self.metrics.live_tokens.labels(ex.provider, ex.model, "input", ex.key,
+                                            ex.team).inc(n)
+            price = ex.charge.price
+            ex.charge.add(self.ledger, n, n * price.input / 1e6 if price else None, self.wall())
+
+    def _live_output(self, ex: _Exchange) -> None:
+        n = ex.meter.take_live()
+        if n:
+            self.metrics.live_tokens.labels(ex.provider, ex.model, "output", ex.key,
+                                            ex.team).inc(n)
+            price = ex.charge.price
+            ex.charge.add(self.ledger, n, n * price.output / 1e6 if price else None,
+                          self.wall())
+
+    def _finish(self, ex: _Exchange) -> None:
+        meter = ex.meter
         end = self.clock()
-        s = meter.settle()
-        outcome = state.outcome or OUTCOME_COMPLETED
-        if outcome == OUTCOME_COMPLETED and (state.status >= 400 or s.error):
+        s = meter.settle(billable=ex.billable and not (
+            ex.status >= 400 and meter.reported.empty() and not meter.raw_estimated_output))
+        outcome = ex.outcome or OUTCOME_COMPLETED
+        if outcome == OUTCOME_COMPLETED and (ex.status >= 400 or s.error):
             outcome = OUTCOME_UPSTREAM_ERROR
         m = self.metrics
         stream = "true" if meter.streamed else "false"
-        m.settle(provider, model, key, team, s)
+        m.settle(ex.provider, ex.model, ex.key, ex.team, s)
+        price = ex.charge.price
+        cost = settlement_cost(price, s) if price else None
+        m.cost(ex.provider, ex.model, ex.key, ex.team, s.source, cost,
+               s.input_tokens + s.output_tokens)
+        ex.charge.settle(self.ledger, s.input_tokens + s.output_tokens, cost, self.wall())
         if not meter.tokenizer.exact:
-            self._learn(meter, model)
-        m.requests.labels(provider, model, key, team, str(state.status), outcome, stream).inc()
-        duration = end - state.t0
-        m.duration.labels(provider, model, stream).observe(duration)
+            self._learn(meter, ex.model)
+        m.requests.labels(ex.provider, ex.model, ex.key, ex.team, str(ex.status), outcome,
+                          stream).inc()
+        duration = end - ex.t0
+        m.duration.labels(ex.provider, ex.model, stream).observe(duration)
         ttft = None
         if s.first_token_at is not None and meter.streamed:
-            ttft = s.first_token_at - state.t0
-            m.ttft.labels(provider, model).observe(ttft)
+            ttft = s.first_token_at - ex.t0
+            m.ttft.labels(ex.provider, ex.model).observe(ttft)
             if s.output_tokens > 1:
-                m.tpot.labels(provider, model).observe(
+                m.tpot.labels(ex.provider, ex.model).observe(
                     (end - s.first_token_at) / (s.output_tokens - 1))
-        self.record(_record(state, s, outcome, duration, ttft, meter.streamed))
-
+        self.record(_record(ex, s, outcome, duration, ttft, cost))
 
     def _learn(self, meter: Meter, model: str) -> None:
         """Feed the calibration with what this request showed (visible text only)."""
@@ -344,42 +393,43 @@ class Proxy:
             self.calibration.observe(model, "input", meter.raw_prompt_estimate, r.input)
 
 
+@dataclass(slots=True)
 class _Exchange:
     """Mutable facts about one request/response exchange, filled in as it goes."""
 
-    __slots__ = ("abort", "error", "key", "method", "model", "outcome", "path", "provider",
-                 "request_id", "status", "stream_requested", "t0", "team")
+    request_id: str
+    method: str
+    path: str  # no query string: it may carry a key (?key=...)
+    stream_requested: bool
+    t0: float
+    key: str
+    team: str
+    provider: str
+    model: str
+    dialect: str
+    meter: Meter
+    charge: Charge
+    body: bytes
+    status: int = 0
+    outcome: str | None = None
+    error: str | None = None
+    abort: bool = False
+    billable: bool = True
 
-    def __init__(self, request_id: str, request: web.Request, stream: bool, t0: float,
-                 key: str, team: str, provider: str, model: str) -> None:
-        self.request_id = request_id
-        self.key = key
-        self.team = team
-        self.provider = provider
-        self.model = model
-        self.method = request.method
-        self.path = request.path  # no query string: it may carry a key (?key=...)
-        self.stream_requested = stream
-        self.t0 = t0
-        self.status = 0
-        self.outcome: str | None = None
-        self.error: str | None = None
-        self.abort = False
 
-
-def _record(state: _Exchange, s: Settlement, outcome: str, duration: float,
-            ttft: float | None, streamed: bool) -> dict[str, Any]:
+def _record(ex: _Exchange, s: Settlement, outcome: str, duration: float,
+            ttft: float | None, cost: float | None) -> dict[str, Any]:
     return {
-        "request_id": state.request_id,
-        "method": state.method,
-        "path": state.path,
-        "provider": state.provider,
-        "model": state.model,
+        "request_id": ex.request_id,
+        "method": ex.method,
+        "path": ex.path,
+        "provider": ex.provider,
+        "model": ex.model,
         "response_model": s.model,
-        "key": state.key,
-        "team": state.team,
-        "stream": streamed,
-        "status": state.status,
+        "key": ex.key,
+        "team": ex.team,
+        "stream": ex.meter.streamed,
+        "status": ex.status,
         "outcome": outcome,
         "finish_reason": s.finish_reason,
         "source": s.source,
@@ -391,8 +441,10 @@ def _record(state: _Exchange, s: Settlement, outcome: str, duration: float,
         "reasoning_tokens": s.reasoning_tokens,
         "estimated_input_tokens": s.estimated_input_tokens,
         "estimated_output_tokens": s.estimated_output_tokens,
+        "cost_usd": None if cost is None else round(cost, 8),
+        "budgets": [b.name for b in ex.charge.budgets],
         "ttft_seconds": None if ttft is None else round(ttft, 6),
         "duration_seconds": round(duration, 6),
         "frame_errors": s.frame_errors,
-        "error": state.error or s.error,
+        "error": ex.error or s.error,
     }

@@ -29,11 +29,16 @@ def conformance_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
-def promtool() -> str:
-    path = shutil.which("promtool")
+def tool(name: str, package: str) -> str:
+    """A Debian-packaged tool the tests run for real; missing is a failure, not a skip."""
+    path = shutil.which(name)
     if path is None:
-        pytest.fail("promtool is missing: install Debian's 'prometheus' package (make test does)")
+        pytest.fail(f"{name} is missing: install Debian's '{package}' package (make test does)")
     return path
+
+
+def promtool() -> str:
+    return tool("promtool", "prometheus")
 
 
 @dataclass
@@ -226,3 +231,44 @@ def chat_chunks(text: str, size: int, model: str = "gpt-4o-mini",
 def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
     return [data[a:b] for a, b in itertools.pairwise(points) if b > a]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Any:
+    """A real redis-server on a free loopback port, for this test only."""
+    import subprocess
+    import time
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is missing: install Debian's 'redis-server' (make test does)")
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import socket
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("redis-server did not start")
+        time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)

@@ -1,0 +1,139 @@
+"""Durable budget state with real processes: kill -9 and restart, two replicas on one Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .conftest import ROOT, Script, ScriptedUpstream, _free_port, chat_chunks
+
+USAGE = {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}  # 10 tokens a request
+
+
+class Sidecar:
+    """`python -m sidecar run` as a child process."""
+
+    def __init__(self, upstream: str, config: Path, state: str) -> None:
+        self.port, self.metrics = _free_port(), _free_port()
+        self.env = {**os.environ, "SIDECAR_UPSTREAM": upstream, "SIDECAR_RECORDS": "off",
+                    "SIDECAR_STATE": state, "SIDECAR_CONFIG": str(config)}
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sidecar", "run", "--listen", f"127.0.0.1:{self.port}",
+            "--metrics-listen", f"127.0.0.1:{self.metrics}", env=self.env, cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        async with aiohttp.ClientSession() as s:
+            for _ in range(200):
+                try:
+                    async with s.get(f"http://127.0.0.1:{self.metrics}/readyz") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError("sidecar did not become ready")
+
+    async def spent(self, budget: str = "all") -> float:
+        async with aiohttp.ClientSession() as s, s.get(
+                f"http://127.0.0.1:{self.metrics}/budgets") as r:
+            data: dict[str, Any] = await r.json()
+        return float(next(b["spent"] for b in data["budgets"] if b["name"] == budget))
+
+    async def request(self, session: aiohttp.ClientSession, sid: str) -> None:
+        async with session.post(f"http://127.0.0.1:{self.port}/v1/chat/completions",
+                                json={"model": "gpt-4o-mini", "stream": True},
+                                headers={"X-Script": sid}) as r:
+            await r.read()
+
+    async def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.returncode is None:
+            self.proc.send_signal(sig)
+            await asyncio.wait_for(self.proc.wait(), 30)
+
+
+def _config(tmp_path: Path) -> Path:
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text("budgets:\n  - name: all\n    window: day\n    limit_tokens: 100000000\n")
+    return cfg
+
+
+async def test_kill_9_loses_at_most_about_a_second(tmp_path: Path) -> None:
+    upstream = ScriptedUpstream()
+    await upstream.start()
+    sid = upstream.add(Script(chunks=[chat_chunks("ok", 1, usage=USAGE)]))
+    state = f"sqlite:///{tmp_path}/state.db"
+    sc = Sidecar(upstream.url, _config(tmp_path), state)
+    await sc.start()
+    done: list[float] = []  # completion times of requests, 10 tokens each
+    try:
+        async with aiohttp.ClientSession() as s:
+            t_end = time.monotonic() + 3.0
+            while time.monotonic() < t_end:
+                await sc.request(s, sid)
+                done.append(time.monotonic())
+        killed_at = time.monotonic()
+        await sc.stop(signal.SIGKILL)
+        sc2 = Sidecar(upstream.url, _config(tmp_path), state)
+        await sc2.start()
+        spent = await sc2.spent()
+        await sc2.stop()
+    finally:
+        await sc.stop(signal.SIGKILL)
+        await upstream.stop()
+    total = 10 * len(done)
+    before_last_second = 10 * sum(1 for t in done if t <= killed_at - 1.2)
+    assert len(done) > 50
+    assert before_last_second <= spent <= total, (before_last_second, spent, total)
+
+
+async def test_sigterm_flushes_everything(tmp_path: Path) -> None:
+    upstream = ScriptedUpstream()
+    await upstream.start()
+    sid = upstream.add(Script(chunks=[chat_chunks("ok", 1, usage=USAGE)]))
+    state = f"sqlite:///{tmp_path}/state.db"
+    sc = Sidecar(upstream.url, _config(tmp_path), state)
+    await sc.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(7):
+                await sc.request(s, sid)
+        await sc.stop(signal.SIGTERM)
+        sc2 = Sidecar(upstream.url, _config(tmp_path), state)
+        await sc2.start()
+        assert await sc2.spent() == 70
+        await sc2.stop()
+    finally:
+        await upstream.stop()
+
+
+async def test_two_replicas_on_one_redis_see_the_same_spend(tmp_path: Path,
+                                                            redis_url: str) -> None:
+    upstream = ScriptedUpstream()
+    await upstream.start()
+    sid = upstream.add(Script(chunks=[chat_chunks("ok", 1, usage=USAGE)]))
+    a = Sidecar(upstream.url, _config(tmp_path), redis_url)
+    b = Sidecar(upstream.url, _config(tmp_path), redis_url)
+    await a.start()
+    await b.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(5):
+                await a.request(s, sid)
+            for _ in range(3):
+                await b.request(s, sid)
+        await asyncio.sleep(2.5)  # two checkpoints: each replica pushes, then reads back
+        assert await a.spent() == await b.spent() == 80
+    finally:
+        await a.stop()
+        await b.stop()
+        await upstream.stop()
