@@ -115,7 +115,7 @@ def make_app(
     registry = registry if registry is not None else CollectorRegistry()
     tokenizers = tokenizers or Tokenizers()
     metrics = Metrics(registry, max_keys=settings.max_keys, max_teams=settings.max_teams,
-                      max_models=settings.max_models)
+                      max_models=settings.max_models, otel_genai=settings.otel_genai)
     ledger = Ledger(settings.budgets)
     registry.register(BudgetCollector(ledger, wall))
     close_records: Callable[[], None] = lambda: None  # noqa: E731

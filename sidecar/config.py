@@ -96,6 +96,7 @@ class Settings:
     webhook_timeout: float = 5.0
     admin_token: Secret | None = None
     watch_config: bool = False
+    otel_genai: bool = False
     log_level: str = "INFO"
     config_file: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -254,6 +255,8 @@ OPTIONS: tuple[Option, ...] = (
            "if set, GET /budgets needs 'Authorization: Bearer TOKEN'"),
     Option("watch_config", "watch_config", "SIDECAR_WATCH_CONFIG", lambda v: _bool(v),
            "reload the config file when it changes (SIGHUP always reloads)"),
+    Option("otel_genai", "otel_genai", "SIDECAR_OTEL_GENAI", lambda v: _bool(v),
+           "also export the OpenTelemetry GenAI names (gen_ai_client_token_usage, ...)"),
     Option("log_level", "log_level", "SIDECAR_LOG_LEVEL",
            lambda v: _choice("debug", "info", "warning", "error")(v).upper(),
            "log level (default info)"),

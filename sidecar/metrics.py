@@ -87,9 +87,53 @@ class BudgetCollector(Collector):
         yield from (limit, spent, ratio, end, thresholds)
 
 
+# OpenTelemetry GenAI semantic conventions: bucket boundaries the spec recommends.
+_GENAI_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
+                        16777216, 67108864)
+_GENAI_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24,
+                           20.48, 40.96, 81.92)
+_GENAI_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                       2.5, 5.0, 7.5, 10.0)
+_GENAI_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_GENAI_LABELS = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]
+
+
+class GenAIMetrics:
+    """The OpenTelemetry GenAI names, for dashboards built for other GenAI instrumentation."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.token_usage = Histogram(
+            "gen_ai_client_token_usage", "Number of input and output tokens used (per request)",
+            [*_GENAI_LABELS, "gen_ai_token_type"], buckets=_GENAI_TOKEN_BUCKETS,
+            registry=registry)
+        self.duration = Histogram(
+            "gen_ai_client_operation_duration_seconds", "GenAI operation duration",
+            _GENAI_LABELS, buckets=_GENAI_DURATION_BUCKETS, registry=registry)
+        self.ttft = Histogram(
+            "gen_ai_server_time_to_first_token_seconds",
+            "Time to generate the first token for successful responses",
+            _GENAI_LABELS, buckets=_GENAI_TTFT_BUCKETS, registry=registry)
+        self.tpot = Histogram(
+            "gen_ai_server_time_per_output_token_seconds",
+            "Time per output token after the first, for successful responses",
+            _GENAI_LABELS, buckets=_GENAI_TPOT_BUCKETS, registry=registry)
+
+    def observe(self, operation: str, provider: str, model: str, input_tokens: int,
+                output_tokens: int, duration: float, ttft: float | None,
+                tpot: float | None) -> None:
+        labels = (operation, provider, model)
+        self.token_usage.labels(*labels, "input").observe(input_tokens)
+        self.token_usage.labels(*labels, "output").observe(output_tokens)
+        self.duration.labels(*labels).observe(duration)
+        if ttft is not None:
+            self.ttft.labels(*labels).observe(ttft)
+        if tpot is not None:
+            self.tpot.labels(*labels).observe(tpot)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry, *, max_keys: int = 1000,
-                 max_teams: int = 200, max_models: int = 200) -> None:
+                 max_teams: int = 200, max_models: int = 200, otel_genai: bool = False) -> None:
         self.registry = registry
         self.cap_key = LabelCap("key", max_keys)
         self.cap_team = LabelCap("team", max_teams)
@@ -129,6 +173,7 @@ class Metrics:
         self.unpriced = Counter(
             "llm_unpriced_tokens", "Settled tokens of models with no price (not in any cost)",
             ["provider", "model"], registry=registry)
+        self.genai = GenAIMetrics(registry) if otel_genai else None
 
     def cost(self, provider: str, model: str, key: str, team: str, source: str,
              usd: float | None, tokens: int) -> None:

@@ -372,13 +372,16 @@ class Proxy:
                           stream).inc()
         duration = end - ex.t0
         m.duration.labels(ex.provider, ex.model, stream).observe(duration)
-        ttft = None
+        ttft = tpot = None
         if s.first_token_at is not None and meter.streamed:
             ttft = s.first_token_at - ex.t0
             m.ttft.labels(ex.provider, ex.model).observe(ttft)
             if s.output_tokens > 1:
-                m.tpot.labels(ex.provider, ex.model).observe(
-                    (end - s.first_token_at) / (s.output_tokens - 1))
+                tpot = (end - s.first_token_at) / (s.output_tokens - 1)
+                m.tpot.labels(ex.provider, ex.model).observe(tpot)
+        if m.genai is not None and outcome == OUTCOME_COMPLETED:
+            m.genai.observe(_operation(ex), ex.provider, ex.model, s.input_tokens,
+                            s.output_tokens, duration, ttft, tpot)
         self.record(_record(ex, s, outcome, duration, ttft, cost))
 
     def _learn(self, meter: Meter, model: str) -> None:
@@ -415,6 +418,18 @@ class _Exchange:
     error: str | None = None
     abort: bool = False
     billable: bool = True
+
+
+def _operation(ex: _Exchange) -> str:
+    """gen_ai.operation.name of the OpenTelemetry GenAI conventions."""
+    if ex.meter.info.embeddings:
+        return "embeddings"
+    if ex.dialect == "gemini":
+        return "generate_content"
+    if ex.dialect == "openai" and ex.path.rstrip("/").endswith("/completions") \
+            and "/chat/" not in ex.path:
+        return "text_completion"
+    return "chat"
 
 
 def _record(ex: _Exchange, s: Settlement, outcome: str, duration: float,

@@ -189,7 +189,12 @@ def encoding_source(name: str) -> str | None:
     return _sources.get(name)
 
 
-def _load(name: str) -> tiktoken.Encoding:
+def _encoding_params(name: str,
+                     loader: Callable[[str, str | None], dict[bytes, int]]) -> dict[str, Any]:
+    """Run tiktoken's own constructor for ``name`` with ``loader`` supplying the ranks.
+
+    tiktoken's constructor names the blob and pins its hash; the loader only supplies bytes.
+    """
     from tiktoken_ext import openai_public
 
     ctor: Callable[[], dict[str, Any]] | None = getattr(openai_public, name, None)
@@ -197,7 +202,25 @@ def _load(name: str) -> tiktoken.Encoding:
         raise EncodingUnavailable(f"unknown encoding {name!r}; supported: {SUPPORTED_ENCODINGS}")
     real_loader = openai_public.load_tiktoken_bpe
 
-    # tiktoken's constructor names the blob and pins its hash; we only supply the bytes.
+    def patched(blobpath: str, expected_hash: str | None = None) -> dict[bytes, int]:
+        return loader(blobpath, expected_hash)
+
+    with _lock_patch:
+        openai_public.load_tiktoken_bpe = patched
+        try:
+            return ctor()
+        finally:
+            openai_public.load_tiktoken_bpe = real_loader
+
+
+_lock_patch = threading.Lock()
+
+
+def _load(name: str) -> tiktoken.Encoding:
+    from tiktoken_ext import openai_public
+
+    real_loader = openai_public.load_tiktoken_bpe
+
     def local_loader(blobpath: str, expected_hash: str | None = None) -> dict[bytes, int]:
         if expected_hash is None:
             raise EncodingUnavailable(f"tiktoken gives no hash for {blobpath}")
@@ -216,12 +239,7 @@ def _load(name: str) -> tiktoken.Encoding:
         _sources[name] = f"download {blobpath}"
         return ranks
 
-    openai_public.load_tiktoken_bpe = local_loader
-    try:
-        params = ctor()
-    finally:
-        openai_public.load_tiktoken_bpe = real_loader
-    return tiktoken.Encoding(**params)
+    return tiktoken.Encoding(**_encoding_params(name, local_loader))
 
 
 class TextCounter:
@@ -357,3 +375,41 @@ class Tokenizers:
 
     def for_model(self, model: str | None) -> Tokenizer:
         return self.by_encoding(encoding_name_for_model(model), profile_for_model(model))
+
+
+def bake(cache_dir: str) -> list[str]:
+    """Write every supported encoding into a tiktoken cache dir (for images with no network).
+
+    The files are named and verified exactly as tiktoken's own cache: tiktoken then loads them
+    without a download.
+    """
+    written = []
+    for name in SUPPORTED_ENCODINGS:
+        captured: dict[str, str] = {}
+
+        def capture(blobpath: str, expected_hash: str | None = None,
+                    into: dict[str, str] = captured) -> dict[bytes, int]:
+            into["blob"], into["hash"] = blobpath, expected_hash or ""
+            return {}
+
+        _encoding_params(name, capture)
+        found = find_encoding_bytes(captured["blob"], captured["hash"])
+        if found is None:
+            raise EncodingUnavailable(f"no verified local copy of {name} to bake")
+        target = Path(cache_dir) / hashlib.sha1(captured["blob"].encode()).hexdigest()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(found[0])
+        written.append(str(target))
+    return written
+
+
+if __name__ == "__main__":  # python -m sidecar.tokens --bake: used by deploy/Dockerfile
+    import sys
+
+    if sys.argv[1:] != ["--bake"]:
+        sys.exit("usage: python -m sidecar.tokens --bake  (writes into $TIKTOKEN_CACHE_DIR)")
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+    if not cache:
+        sys.exit("set TIKTOKEN_CACHE_DIR to the directory to bake the encodings into")
+    for path in bake(cache):
+        print(path)
