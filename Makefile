@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint system-deps clean
+.PHONY: demo test system-deps sync-rules dashboards clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ test: $(VENV)/.dev system-deps
 	$(BIN)/ruff check sidecar tests
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+## sync-rules: copy the alert rules into the Kubernetes and Helm manifests after editing them
+sync-rules: $(VENV)/.runtime
+	$(BIN)/python scripts/sync-rules
+
+## dashboards: regenerate grafana/dashboards/*.json from grafana/generate.py
+dashboards:
+	$(PYTHON) grafana/generate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
