@@ -8,6 +8,7 @@ import hmac
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -66,6 +67,40 @@ def record_writer(target: str) -> tuple[RecordSink, Callable[[], None]]:
     return write, close
 
 
+def upstream_ssl(settings: Settings) -> ssl.SSLContext | bool:
+    """Upstream TLS: verified against the system CAs, plus ``ca_file`` when given."""
+    if settings.insecure_skip_verify:
+        log.warning("upstream TLS verification is OFF (insecure_skip_verify)")
+        return False
+    ctx = ssl.create_default_context()
+    if settings.ca_file:
+        ctx.load_verify_locations(cafile=settings.ca_file)
+    return ctx
+
+
+@web.middleware
+class ConcurrencyLimit:
+    """At most ``limit`` requests in the proxy at once; beyond it a clear 503, not a queue."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    async def __call__(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.active >= self.limit:
+            return web.json_response(
+                {"error": {"message": f"the sidecar is at its limit of {self.limit} concurrent "
+                                      "requests (max_concurrent_requests)",
+                           "type": "overloaded", "code": None}},
+                status=503, headers={"Retry-After": "1"})
+        self.active += 1
+        try:
+            result: web.StreamResponse = await handler(request)
+            return result
+        finally:
+            self.active -= 1
+
+
 def policy_for(settings: Settings) -> Policy:
     return Policy(Attributor(settings.keys, settings.team_header, settings.key_hash_secret),
                   PriceTable.with_defaults(settings.prices))
@@ -121,7 +156,8 @@ def make_app(
     close_records: Callable[[], None] = lambda: None  # noqa: E731
     if record_sink is None:
         record_sink, close_records = record_writer(settings.records)
-    proxy_app = web.Application(client_max_size=settings.max_request_body)
+    proxy_app = web.Application(client_max_size=settings.max_request_body,
+                                middlewares=[ConcurrencyLimit(settings.max_concurrent_requests)])
     ready = asyncio.Event()
     calibration = Calibration()
     handler = Proxy(settings, session_getter=lambda: proxy_app[SESSION_KEY], metrics=metrics,
@@ -134,7 +170,8 @@ def make_app(
         await asyncio.get_running_loop().run_in_executor(None, tokenizers.preload)
         for name in ("o200k_base", "cl100k_base"):
             log.info("encoding %s loaded from %s", name, encoding_source(name))
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True)
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True,
+                                         ssl=upstream_ssl(settings))
         timeout = aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout,
                                         sock_connect=settings.connect_timeout,
                                         sock_read=settings.read_timeout)
@@ -252,13 +289,17 @@ class Running:
             await runner.cleanup()
 
 
-async def start(apps: Apps, settings: Settings, *, shutdown_timeout: float = 30.0) -> Running:
+async def start(apps: Apps, settings: Settings, *,
+                shutdown_timeout: float | None = None) -> Running:
     """Start both apps on their listeners; returns the bound ports (useful with port 0)."""
     runners = []
     ports = []
+    grace = settings.shutdown_grace if shutdown_timeout is None else shutdown_timeout
     for app, (host, port) in ((apps.proxy, settings.listen),
                               (apps.metrics, settings.metrics_listen)):
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace,
+                               max_line_size=settings.max_header_size,
+                               max_field_size=settings.max_header_size)
         await runner.setup()
         site = web.TCPSite(runner, host, port, backlog=2048)
         await site.start()

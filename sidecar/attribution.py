@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qs
@@ -33,6 +34,19 @@ def bearer_key(headers: Mapping[str, str], query: str = "") -> str | None:
         if values:
             return values[0]
     return None
+
+
+# Key shapes of common providers, masked wherever an upstream echoes one back in an error.
+_KEY_SHAPES = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,})")
+
+
+def redact(text: str | None, key: str | None) -> str | None:
+    """Text safe for logs and records: the request's key and anything key-shaped removed."""
+    if not text:
+        return text
+    if key:
+        text = text.replace(key, "[redacted]")
+    return _KEY_SHAPES.sub("[redacted]", text)
 
 
 @dataclass(frozen=True, slots=True)

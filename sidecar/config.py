@@ -97,6 +97,11 @@ class Settings:
     admin_token: Secret | None = None
     watch_config: bool = False
     otel_genai: bool = False
+    ca_file: str | None = None
+    insecure_skip_verify: bool = False
+    max_header_size: int = 16 * 1024
+    max_concurrent_requests: int = 4096
+    shutdown_grace: float = 30.0
     log_level: str = "INFO"
     config_file: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -162,6 +167,13 @@ def _state_url(value: Any) -> str:
     v = str(value).strip()
     parse_state_url(v)
     return v
+
+
+def _readable_file(value: Any) -> str:
+    path = Path(str(value))
+    if not path.is_file():
+        raise ValueError(f"{path} is not a readable file")
+    return str(path)
 
 
 def _bool(value: Any) -> bool:
@@ -257,6 +269,18 @@ OPTIONS: tuple[Option, ...] = (
            "reload the config file when it changes (SIGHUP always reloads)"),
     Option("otel_genai", "otel_genai", "SIDECAR_OTEL_GENAI", lambda v: _bool(v),
            "also export the OpenTelemetry GenAI names (gen_ai_client_token_usage, ...)"),
+    Option("ca_file", "tls.ca_file", "SIDECAR_CA_FILE", lambda v: _readable_file(v),
+           "PEM bundle of extra CAs to trust for upstream TLS (verification is always on "
+           "unless tls.insecure_skip_verify)"),
+    Option("insecure_skip_verify", "tls.insecure_skip_verify", "SIDECAR_INSECURE_SKIP_VERIFY",
+           lambda v: _bool(v), "do not verify upstream TLS certificates (testing only)"),
+    Option("max_header_size", "limits.max_header_size", "SIDECAR_MAX_HEADER_SIZE", _size,
+           "largest request line or header field accepted, else 400 (default 16KiB)"),
+    Option("max_concurrent_requests", "limits.max_concurrent_requests",
+           "SIDECAR_MAX_CONCURRENT_REQUESTS", _positive_int,
+           "requests handled at once; more get a 503 with Retry-After (default 4096)"),
+    Option("shutdown_grace", "shutdown_grace", "SIDECAR_SHUTDOWN_GRACE", _positive_float,
+           "seconds in-flight streams may finish after SIGTERM (default 30)"),
     Option("log_level", "log_level", "SIDECAR_LOG_LEVEL",
            lambda v: _choice("debug", "info", "warning", "error")(v).upper(),
            "log level (default info)"),

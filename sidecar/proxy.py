@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .attribution import Attributor
+from .attribution import Attributor, bearer_key, redact
 from .calibration import Calibration
 from .config import Settings
 from .dialects import AUTO, detect, get_dialect, provider_for
@@ -166,6 +166,7 @@ class Proxy:
         charge = Charge(budgets, self.policy.prices.lookup(info.model),
                         blocking=tuple(b for b in budgets if b.action == "block"))
         return _Exchange(
+            secret=bearer_key(request.headers, request.query_string),
             request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex,
             method=request.method, path=request.path, stream_requested=info.stream, t0=t0,
             key=m.cap_key(ident.key), team=m.cap_team(ident.team), provider=provider,
@@ -400,6 +401,8 @@ class Proxy:
 class _Exchange:
     """Mutable facts about one request/response exchange, filled in as it goes."""
 
+    # The caller's key: only ever used to redact it from what we write; never in repr.
+    secret: str | None = field(repr=False)
     request_id: str
     method: str
     path: str  # no query string: it may carry a key (?key=...)
@@ -461,5 +464,5 @@ def _record(ex: _Exchange, s: Settlement, outcome: str, duration: float,
         "ttft_seconds": None if ttft is None else round(ttft, 6),
         "duration_seconds": round(duration, 6),
         "frame_errors": s.frame_errors,
-        "error": ex.error or s.error,
+        "error": redact(ex.error or s.error, ex.secret),
     }

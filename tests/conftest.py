@@ -53,6 +53,7 @@ class Script:
     content_length: bool = False  # send Content-Length instead of chunked
     abort_after: int | None = None  # close the connection after this many chunks
     stall_after: int | None = None  # stop sending (but keep open) after this many chunks
+    head_delay: float = 0.0  # seconds before the status line and headers
 
 
 class ScriptedUpstream:
@@ -67,6 +68,8 @@ class ScriptedUpstream:
         self.runner: web.AppRunner | None = None
         self.url = ""
         self.finished: list[str] = []
+        self.written: dict[str, int] = {}  # bytes each script got written (backpressure shows)
+        self.disconnected: list[str] = []  # scripts whose client (the sidecar) went away
 
     def add(self, script: Script) -> str:
         sid = f"s{next(self._ids)}"
@@ -93,11 +96,14 @@ class ScriptedUpstream:
         script = self.scripts.get(sid)
         if script is None:
             return web.json_response({"error": {"message": "no script"}}, status=404)
+        if script.head_delay:
+            await asyncio.sleep(script.head_delay)
         resp = web.StreamResponse(status=script.status, headers=script.headers)
         if script.content_length:
             resp.content_length = sum(len(c) for c in script.chunks)
-        await resp.prepare(request)
+        self.written[sid] = 0
         try:
+            await resp.prepare(request)
             for i, chunk in enumerate(script.chunks):
                 if script.abort_after is not None and i == script.abort_after:
                     assert request.transport is not None
@@ -108,9 +114,10 @@ class ScriptedUpstream:
                 if script.delay:
                     await asyncio.sleep(script.delay)
                 await resp.write(chunk)
+                self.written[sid] += len(chunk)
             await resp.write_eof()
         except ConnectionError:
-            pass
+            self.disconnected.append(sid)
         finally:
             self.finished.append(sid)
         return resp

@@ -155,3 +155,8 @@ def test_legacy_prompt(tokenizers: Tokenizers, prompt: Any, expect: int) -> None
     info = d.parse_request("/v1/completions", "", orjson.dumps({"model": "gpt-3.5-turbo-instruct",
                                                             "prompt": prompt}))
     assert d.estimate_prompt(info, tokenizers.for_model(info.model)) == expect
+
+
+def test_negative_or_odd_counts_are_ignored() -> None:
+    assert usage_from({"prompt_tokens": -5, "completion_tokens": 7}) == Usage(output=7)
+    assert usage_from({"prompt_tokens": 1e20, "completion_tokens": 2.5}) == Usage(input=10**20)

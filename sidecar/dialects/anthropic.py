@@ -23,7 +23,9 @@ from .base import (
     RequestInfo,
     Sink,
     Usage,
+    as_index,
     as_int,
+    as_list,
     load_json,
     texts_of,
 )
@@ -74,15 +76,15 @@ class AnthropicStreamParser(JSONFrameParser):
                 field, text_kind = _DELTA_FIELDS.get(str(delta.get("type")), ("", ""))
                 text = delta.get(field) if field else None
                 if isinstance(text, str) and text:
-                    sink.text((obj.get("index", 0),), text_kind, text)
+                    sink.text((as_index(obj.get("index"), 0),), text_kind, text)
         elif kind == "content_block_start":
             block = obj.get("content_block")
             if isinstance(block, dict):
                 if block.get("type") in ("tool_use", "server_tool_use") and block.get("name"):
-                    sink.text((obj.get("index", 0), "name"), TOOL, str(block["name"]))
+                    sink.text((as_index(obj.get("index"), 0), "name"), TOOL, str(block["name"]))
                 text = block.get("text")
                 if isinstance(text, str) and text:
-                    sink.text((obj.get("index", 0),), CONTENT, text)
+                    sink.text((as_index(obj.get("index"), 0),), CONTENT, text)
         elif kind == "message_start":
             msg = obj.get("message")
             if isinstance(msg, dict):
@@ -144,7 +146,7 @@ class AnthropicDialect:
             return
         if isinstance(obj.get("model"), str):
             sink.model(obj["model"])
-        for i, block in enumerate(obj.get("content") or []):
+        for i, block in enumerate(as_list(obj.get("content"))):
             if not isinstance(block, dict):
                 continue
             kind = block.get("type")

@@ -87,13 +87,14 @@ class Dialect(Protocol):
 
 
 def as_int(value: Any) -> int | None:
-    """A token count from JSON: ints (and integral floats) pass, anything else is None."""
+    """A token count from JSON: non-negative ints (and integral floats); anything else is None,
+    as if the provider had not said (a negative count would corrupt every counter after it)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        value = int(value)
+    if isinstance(value, int) and value >= 0:
+        return value
     return None
 
 
@@ -153,6 +154,16 @@ def texts_of(node: Any, keys: frozenset[str] = frozenset({"text", "content"})) -
                 elif isinstance(v, dict | list):
                     stack.append(v)
     return out
+
+
+def as_index(value: Any, default: int = 0) -> int | str:
+    """A slot index from a provider's frame: ints and strings only (slots are dict keys)."""
+    return value if isinstance(value, int | str) and not isinstance(value, bool) else default
+
+
+def as_list(value: Any) -> list[Any]:
+    """A JSON array, or [] for anything else (providers' fields are not always what they say)."""
+    return value if isinstance(value, list) else []
 
 
 def sum_ints(*values: int | None) -> int | None:

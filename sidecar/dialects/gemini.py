@@ -24,7 +24,9 @@ from .base import (
     RequestInfo,
     Sink,
     Usage,
+    as_index,
     as_int,
+    as_list,
     load_json,
     sum_ints,
     texts_of,
@@ -66,13 +68,13 @@ def read_chunk(obj: dict[str, Any], sink: Sink) -> None:
     err = obj.get("error")
     if isinstance(err, dict):
         sink.error(str(err.get("message") or err))
-    for pos, cand in enumerate(obj.get("candidates") or []):
+    for pos, cand in enumerate(as_list(obj.get("candidates"))):
         if not isinstance(cand, dict):
             continue
-        idx = cand.get("index", pos)
+        idx = as_index(cand.get("index"), pos)
         content = cand.get("content")
         parts = content.get("parts") if isinstance(content, dict) else None
-        for j, part in enumerate(parts or []):
+        for j, part in enumerate(as_list(parts)):
             if not isinstance(part, dict):
                 continue
             text = part.get("text")
@@ -111,7 +113,7 @@ class GeminiStreamParser(JSONFrameParser):
                 text = delta.get("text")
                 if isinstance(text, str) and text:
                     kind = REASONING if delta.get("type") == "thought" else CONTENT
-                    self.sink.text((obj.get("index", 0), kind), kind, text)
+                    self.sink.text((as_index(obj.get("index"), 0), kind), kind, text)
         elif event in ("interaction.completed", "interaction.created"):
             inter = obj.get("interaction")
             if isinstance(inter, dict):

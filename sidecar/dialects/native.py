@@ -20,7 +20,9 @@ from .base import (
     RequestInfo,
     Sink,
     Usage,
+    as_index,
     as_int,
+    as_list,
     load_json,
     sum_ints,
     texts_of,
@@ -197,13 +199,13 @@ def read_dashscope(obj: dict[str, Any], sink: Sink, seen: dict[tuple[Any, ...], 
     out = obj.get("output")
     if isinstance(out, dict):
         texts: list[tuple[tuple[Any, ...], str, Any]] = [((0, CONTENT), CONTENT, out.get("text"))]
-        for pos, choice in enumerate(out.get("choices") or []):
+        for pos, choice in enumerate(as_list(out.get("choices"))):
             if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
                 msg = choice["message"]
-                idx = choice.get("index", pos)
+                idx = as_index(choice.get("index"), pos)
                 texts.append(((idx, CONTENT), CONTENT, msg.get("content")))
                 texts.append(((idx, REASONING), REASONING, msg.get("reasoning_content")))
-                for j, call in enumerate(msg.get("tool_calls") or []):
+                for j, call in enumerate(as_list(msg.get("tool_calls"))):
                     fn = call.get("function") if isinstance(call, dict) else None
                     if isinstance(fn, dict):
                         texts.append(((idx, TOOL, j), TOOL, fn.get("arguments")))
@@ -341,14 +343,14 @@ class _CohereParser(JSONFrameParser):
             if isinstance(content, dict):
                 for key, k in (("text", CONTENT), ("thinking", REASONING)):
                     if isinstance(content.get(key), str) and content[key]:
-                        self.sink.text((obj.get("index", 0), k), k, content[key])
+                        self.sink.text((as_index(obj.get("index"), 0), k), k, content[key])
         elif kind in ("tool-call-delta", "tool-call-start") and isinstance(msg, dict):
             calls = msg.get("tool_calls")
             fn = calls.get("function") if isinstance(calls, dict) else None
             if isinstance(fn, dict):
                 for key in ("name", "arguments"):
                     if isinstance(fn.get(key), str) and fn[key]:
-                        self.sink.text((obj.get("index", 0), TOOL, key), TOOL, fn[key])
+                        self.sink.text((as_index(obj.get("index"), 0), TOOL, key), TOOL, fn[key])
         elif kind == "tool-plan-delta" and isinstance(msg, dict):
             if isinstance(msg.get("tool_plan"), str) and msg["tool_plan"]:
                 self.sink.text(("plan",), CONTENT, msg["tool_plan"])
@@ -375,10 +377,10 @@ class CohereDialect(_SimpleDialect):
             return
         msg = obj.get("message")
         if isinstance(msg, dict):
-            for i, part in enumerate(msg.get("content") or []):
+            for i, part in enumerate(as_list(msg.get("content"))):
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     sink.text((i, CONTENT), CONTENT, part["text"])
-            for j, call in enumerate(msg.get("tool_calls") or []):
+            for j, call in enumerate(as_list(msg.get("tool_calls"))):
                 fn = call.get("function") if isinstance(call, dict) else None
                 if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
                     sink.text((j, TOOL), TOOL, fn["arguments"])
@@ -415,7 +417,7 @@ class _BedrockParser(JSONFrameParser):
             return
         if event == "contentBlockDelta":
             delta = obj.get("delta")
-            idx = obj.get("contentBlockIndex", 0)
+            idx = as_index(obj.get("contentBlockIndex"), 0)
             if isinstance(delta, dict):
                 if isinstance(delta.get("text"), str) and delta["text"]:
                     self.sink.text((idx,), CONTENT, delta["text"])
@@ -429,7 +431,8 @@ class _BedrockParser(JSONFrameParser):
             start = obj.get("start")
             tool = start.get("toolUse") if isinstance(start, dict) else None
             if isinstance(tool, dict) and isinstance(tool.get("name"), str):
-                self.sink.text((obj.get("contentBlockIndex", 0), "name"), TOOL, tool["name"])
+                idx = as_index(obj.get("contentBlockIndex"), 0)
+                self.sink.text((idx, "name"), TOOL, tool["name"])
         elif event == "messageStop":
             if isinstance(obj.get("stopReason"), str):
                 self.sink.finish_reason(obj["stopReason"])
@@ -460,7 +463,7 @@ class BedrockDialect(_SimpleDialect):
         out = obj.get("output")
         msg = out.get("message") if isinstance(out, dict) else None
         if isinstance(msg, dict):
-            for i, block in enumerate(msg.get("content") or []):
+            for i, block in enumerate(as_list(msg.get("content"))):
                 if not isinstance(block, dict):
                     continue
                 if isinstance(block.get("text"), str):

@@ -21,6 +21,7 @@ from .base import (
     RequestInfo,
     Sink,
     Usage,
+    as_index,
     as_int,
     load_json,
 )
@@ -62,7 +63,7 @@ def _tool_calls(idx: Any, calls: Any, sink: Sink) -> None:
     for pos, call in enumerate(calls):
         if not isinstance(call, dict):
             continue
-        j = call.get("index", pos)
+        j = as_index(call.get("index"), pos)
         fn = call.get("function")
         if isinstance(fn, dict):
             name = fn.get("name")
@@ -124,7 +125,7 @@ def read_completion(obj: dict[str, Any], sink: Sink, *, streamed: bool) -> None:
         for pos, choice in enumerate(choices):
             if not isinstance(choice, dict):
                 continue
-            idx = choice.get("index", pos)
+            idx = as_index(choice.get("index"), pos)
             part = choice.get("delta" if streamed else "message")
             if isinstance(part, dict):
                 message_parts(idx, part, sink)

@@ -14,7 +14,9 @@ from .base import (
     RequestInfo,
     Sink,
     Usage,
+    as_index,
     as_int,
+    as_list,
     load_json,
     texts_of,
 )
@@ -75,7 +77,8 @@ class ResponsesStreamParser(JSONFrameParser):
         if text_kind is not None:
             delta = obj.get("delta")
             if isinstance(delta, str) and delta:
-                slot = (obj.get("output_index", 0), obj.get("content_index", 0), text_kind)
+                slot = (as_index(obj.get("output_index"), 0),
+                        as_index(obj.get("content_index"), 0), text_kind)
                 self.sink.text(slot, text_kind, delta)
             return
         resp = obj.get("response")
@@ -124,18 +127,18 @@ class ResponsesDialect:
     def parse_body(self, obj: Any, sink: Sink) -> None:
         if not isinstance(obj, dict):
             return
-        for i, item in enumerate(obj.get("output") or []):
+        for i, item in enumerate(as_list(obj.get("output"))):
             if not isinstance(item, dict):
                 continue
             kind = item.get("type")
             if kind == "message":
-                for j, part in enumerate(item.get("content") or []):
+                for j, part in enumerate(as_list(item.get("content"))):
                     if isinstance(part, dict):
                         text = part.get("text") or part.get("refusal")
                         if isinstance(text, str) and text:
                             sink.text((i, j, CONTENT), CONTENT, text)
             elif kind == "reasoning":
-                for j, part in enumerate(item.get("summary") or []):
+                for j, part in enumerate(as_list(item.get("summary"))):
                     if isinstance(part, dict) and isinstance(part.get("text"), str):
                         sink.text((i, j, REASONING), REASONING, part["text"])
             elif kind in ("function_call", "custom_tool_call"):

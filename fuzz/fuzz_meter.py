@@ -1,0 +1,72 @@
+"""Coverage-guided fuzzer (atheris) for the frame decoders, every dialect and the meter.
+
+Any bytes in: the decoders may only return frames or FrameError, dialects may only report
+through the sink, and the meter must never raise. Run by hand for long sessions:
+    .venv/bin/python fuzz/fuzz_meter.py -max_total_time=600 fuzz/corpus
+The test suite runs it for a bounded number of inputs (tests/test_fuzz.py).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import atheris
+
+with atheris.instrument_imports():
+    from sidecar.dialects import DIALECTS
+    from sidecar.dialects.base import RequestInfo
+    from sidecar.frames import (
+        EventStreamDecoder,
+        Frame,
+        FrameError,
+        JSONArrayDecoder,
+        NDJSONDecoder,
+        SSEDecoder,
+    )
+    from sidecar.meter import Meter
+    from sidecar.tokens import Tokenizers
+
+_TOK = Tokenizers()
+_TOKENIZERS = [_TOK.for_model("gpt-4o"), _TOK.for_model("ernie-4.0")]
+_NAMES = sorted(DIALECTS)
+_DECODERS = (SSEDecoder, NDJSONDecoder, JSONArrayDecoder, EventStreamDecoder)
+_CONTENT_TYPES = ("text/event-stream", "application/x-ndjson", "application/json",
+                  "application/vnd.amazon.eventstream")
+
+
+def test_one_input(data: bytes) -> None:
+    fdp = atheris.FuzzedDataProvider(data)
+    choice = fdp.ConsumeIntInRange(0, 3)
+    split = fdp.ConsumeIntInRange(1, 64)
+    dialect = DIALECTS[_NAMES[fdp.ConsumeIntInRange(0, len(_NAMES) - 1)]]
+    tokenizer = _TOKENIZERS[fdp.ConsumeIntInRange(0, 1)]
+    gzip_it = fdp.ConsumeBool()
+    payload = fdp.ConsumeBytes(fdp.remaining_bytes())
+
+    dec = _DECODERS[choice](max_frame_size=4096)
+    items = []
+    for i in range(0, len(payload), split):
+        items += dec.feed(payload[i:i + split])
+    items += dec.close()
+    for item in items:
+        if not isinstance(item, Frame | FrameError):
+            raise AssertionError(f"decoder produced {item!r}")
+
+    info = RequestInfo(model="fuzz", stream=True, json_stream=choice == 2)
+    meter = Meter(dialect, info, tokenizer, lambda: 0.0, max_frame_size=4096)
+    meter.start_response(_CONTENT_TYPES[choice], "gzip" if gzip_it else None)
+    for i in range(0, len(payload), split):
+        meter.feed(payload[i:i + split])
+        meter.take_live()
+    meter.end_of_body()
+    s = meter.settle()
+    counts = (s.input_tokens, s.output_tokens, s.estimated_input_tokens,
+              s.estimated_output_tokens, s.cached_input_tokens or 0, s.reasoning_tokens or 0)
+    if min(counts) < 0:
+        raise AssertionError(f"negative count in {s}")
+    dialect.parse_request("/x", "", payload[:512])
+
+
+if __name__ == "__main__":
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
