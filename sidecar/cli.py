@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .config import OPTIONS, ConfigError, load_settings, parse_hostport
 
@@ -67,6 +67,20 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when asked for (or 'auto' and installed); None means asyncio's own loop."""
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if name == "uvloop":
+            raise SystemExit("sidecar: event_loop uvloop needs 'pip install uvloop'") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "run":
@@ -81,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .app import serve
 
         try:
-            asyncio.run(serve(settings, flags))
+            with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
+                runner.run(serve(settings, flags))
         except KeyboardInterrupt:
             pass
         return 0

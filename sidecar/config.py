@@ -102,6 +102,7 @@ class Settings:
     max_header_size: int = 16 * 1024
     max_concurrent_requests: int = 4096
     shutdown_grace: float = 30.0
+    event_loop: str = "auto"
     log_level: str = "INFO"
     config_file: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -281,6 +282,8 @@ OPTIONS: tuple[Option, ...] = (
            "requests handled at once; more get a 503 with Retry-After (default 4096)"),
     Option("shutdown_grace", "shutdown_grace", "SIDECAR_SHUTDOWN_GRACE", _positive_float,
            "seconds in-flight streams may finish after SIGTERM (default 30)"),
+    Option("event_loop", "event_loop", "SIDECAR_EVENT_LOOP", _choice("auto", "uvloop", "asyncio"),
+           "event loop: auto (uvloop when installed), uvloop, or asyncio"),
     Option("log_level", "log_level", "SIDECAR_LOG_LEVEL",
            lambda v: _choice("debug", "info", "warning", "error")(v).upper(),
            "log level (default info)"),

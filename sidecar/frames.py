@@ -86,6 +86,11 @@ class SSEDecoder:
             self._skip_lf = False
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
+        if (not self._buf and self._seen_start and not self._dropping and not self._data
+                and self._event is None and not self._fields and b"\r" not in chunk):
+            chunk = self._fast(chunk, out)
+            if not chunk:
+                return out
         buf = self._buf + chunk if self._buf else chunk
         if not self._seen_start:
             if len(buf) < 3 and _BOM.startswith(buf):
@@ -125,6 +130,23 @@ class SSEDecoder:
             rest = b""
         self._buf = rest
         return out
+
+    def _fast(self, chunk: bytes, out: list[Item]) -> bytes:
+        """Whole one-line ``data:`` events at the start of ``chunk``, the common case, without
+        the line-by-line state machine. Returns what is left for it (from the first event that
+        is not that simple)."""
+        pos = 0
+        n = len(chunk)
+        limit = self._max
+        while pos < n:
+            end = chunk.find(b"\n\n", pos)
+            if end < 0 or chunk[pos:pos + 6] != b"data: ":
+                break
+            if chunk.find(b"\n", pos, end) >= 0 or end - pos - 6 > limit:
+                break
+            out.append(Frame(data=chunk[pos + 6:end]))
+            pos = end + 2
+        return chunk[pos:] if pos else chunk
 
     def at_boundary(self) -> bool:
         """Between events: nothing of a next event has arrived yet."""

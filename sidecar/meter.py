@@ -106,6 +106,8 @@ class Meter:
         self._parser: Any = None
         self._inflater: _Inflater | None = None
         self._body: list[bytes] | None = None
+        # Text seen during one feed(), per slot: each counter is fed once per upstream read.
+        self._pending: dict[tuple[Any, ...], list[str]] = {}
         self._body_size = 0
         self._undecodable = False
 
@@ -148,6 +150,7 @@ class Meter:
                 chunk = self._inflater.feed(chunk)
             if self._decoder is not None:
                 self._frames(self._decoder.feed(chunk))
+                self._count_pending()
             elif self._body is not None:
                 self._body_size += len(chunk)
                 if self._body_size > MAX_METERED_BODY:
@@ -166,6 +169,7 @@ class Meter:
         try:
             if self._decoder is not None and not self._undecodable:
                 self._frames(self._decoder.close())
+                self._count_pending()
             elif self._body is not None and not self._undecodable:
                 body = b"".join(self._body)
                 self._body = None
@@ -176,6 +180,7 @@ class Meter:
                         self.malformed("response body is not JSON")
                     else:
                         self.dialect.parse_body(obj, self)
+                        self._count_pending()
         except Exception as exc:
             self.malformed(f"meter error: {type(exc).__name__}")
         for counter in self._counters.values():
@@ -216,14 +221,25 @@ class Meter:
     # -- Sink (called by the dialect) ---------------------------------------------------------
 
     def text(self, slot: tuple[Any, ...], kind: str, text: str) -> None:
-        counter = self._counters.get(slot)
-        if counter is None:
-            counter = self._counters[slot] = self.tokenizer.counter()
-            if kind == REASONING:
-                self._reasoning_slots.add(slot)
+        parts = self._pending.get(slot)
+        if parts is None:
+            self._pending[slot] = [text]
+            if slot not in self._counters:
+                self._counters[slot] = self.tokenizer.counter()
+                if kind == REASONING:
+                    self._reasoning_slots.add(slot)
+        else:
+            parts.append(text)
         if self.first_token_at is None:
             self.first_token_at = self._clock()
-        self._committed += counter.feed(text)
+
+    def _count_pending(self) -> None:
+        if self._pending:
+            counters = self._counters
+            for slot, parts in self._pending.items():
+                self._committed += counters[slot].feed(parts[0] if len(parts) == 1
+                                                       else "".join(parts))
+            self._pending.clear()
 
     def usage(self, usage: Usage) -> None:
         self.reported.merge(usage)

@@ -111,20 +111,22 @@ def test_fixed_fragments_equal_whole_count(tokenizers: Tokenizers, name: str, si
 
 @given(text=TEXT, sizes=st.lists(st.integers(1, 6), min_size=1, max_size=6),
        name=st.sampled_from(["o200k_base", "cl100k_base"]))
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1500, deadline=None)
 def test_random_fragments_equal_whole_count(text: str, sizes: list[int], name: str) -> None:
     tok = _SHARED.by_encoding(name)
     assert _count_fragmented(tok, text, sizes) == tok.count(text)
 
 
-def test_live_count_lags_by_at_most_a_few_tokens(tokenizers: Tokenizers) -> None:
+def test_live_count_lags_by_at_most_one_batch(tokenizers: Tokenizers) -> None:
     tok = tokenizers.by_encoding("o200k_base")
     text = "The quick brown fox jumps over the lazy dog. " * 20
     c = tok.counter()
     for i in range(0, len(text), 3):
         c.feed(text[i:i + 3])
         seen = text[:i + 3]
-        assert tok.count(seen) - c.total <= 4
+        # At most the batch (64 characters, ~16 tokens here) plus two pieces is pending.
+        assert 0 <= tok.count(seen) - c.total <= 20
+    assert c.total >= tok.count(text) - 20
 
 
 @pytest.mark.parametrize("model, profile", [
@@ -161,3 +163,21 @@ def test_profiled_counts_are_split_invariant(text: str, sizes: list[int]) -> Non
         i += 1
     c.flush()
     assert abs(c.total - tok.weigh(text)) < 1e-6
+
+
+WORDISH = st.lists(st.one_of(
+    st.sampled_from([" the", " The", " THE", " don't", " it's", " we'll", " x", " Éclair",
+                     " Ωmega", " naïve", " e\u0301t\u0301e", "  ", "\t", "\n", "\n\n", " 2024",
+                     " 12345", " $3.50", ".", ",", "!?", " (", ")", " -", "--", " /path/to",
+                     "'s", "'LL", " 你好", "世界", " 🙂", " a1b2", " camelCase", " snake_case"]),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=3)),
+    min_size=20, max_size=120).map("".join)
+
+
+@given(text=WORDISH, sizes=st.lists(st.integers(1, 40), min_size=1, max_size=8),
+       name=st.sampled_from(["o200k_base", "cl100k_base"]))
+@settings(max_examples=1500, deadline=None)
+def test_long_texts_through_the_fast_cut_equal_whole_count(text: str, sizes: list[int],
+                                                           name: str) -> None:
+    tok = _SHARED.by_encoding(name)
+    assert _count_fragmented(tok, text, sizes) == tok.count(text)

@@ -81,6 +81,9 @@ def message_parts(idx: Any, msg: dict[str, Any], sink: Sink) -> None:
     content = msg.get("content")
     if isinstance(content, str) and content:
         sink.text((idx, CONTENT), CONTENT, content)
+        if len(msg) == 1:
+            return  # the common delta: {"content": "..."} and nothing else
+
     elif isinstance(content, list):  # Mistral's thinking chunks: [{"type": "thinking"...}]
         for part in content:
             if isinstance(part, dict):
@@ -111,10 +114,12 @@ def _part_texts(part: dict[str, Any]) -> list[str]:
     return []
 
 
-def read_completion(obj: dict[str, Any], sink: Sink, *, streamed: bool) -> None:
-    """One chunk (streamed) or one whole answer: model, choices, usage, error."""
+def read_completion(obj: dict[str, Any], sink: Sink, *, streamed: bool,
+                    last_model: str | None = None) -> str | None:
+    """One chunk (streamed) or one whole answer: model, choices, usage, error. Returns the
+    model named, so a stream reports it once rather than on every chunk."""
     model = obj.get("model")
-    if isinstance(model, str) and model:
+    if isinstance(model, str) and model and model != last_model:
         sink.model(model)
     err = obj.get("error")
     if err:
@@ -136,21 +141,27 @@ def read_completion(obj: dict[str, Any], sink: Sink, *, streamed: bool) -> None:
             if isinstance(reason, str) and reason:
                 sink.finish_reason(reason)
     raw = obj.get("usage")
-    if raw is None:
-        xg = obj.get("x_groq")  # Groq's older streams carry usage only here
+    if raw is None and "x_groq" in obj:
+        xg = obj["x_groq"]  # Groq's older streams carry usage only here
         raw = xg.get("usage") if isinstance(xg, dict) else None
-    usage = usage_from(raw)
-    if usage is not None:
-        if obj.get("object") == "list" and isinstance(obj.get("data"), list):
-            usage.output = 0  # embeddings: nothing is generated
-        sink.usage(usage)
+    if raw is not None:
+        usage = usage_from(raw)
+        if usage is not None:
+            if obj.get("object") == "list" and isinstance(obj.get("data"), list):
+                usage.output = 0  # embeddings: nothing is generated
+            sink.usage(usage)
+    return model if isinstance(model, str) else last_model
 
 
 class OpenAIStreamParser(JSONFrameParser):
-    __slots__ = ()
+    __slots__ = ("_model",)
+
+    def __init__(self, sink: Sink) -> None:
+        super().__init__(sink)
+        self._model: str | None = None
 
     def on_object(self, obj: dict[str, Any], frame: Frame) -> None:
-        read_completion(obj, self.sink, streamed=True)
+        self._model = read_completion(obj, self.sink, streamed=True, last_model=self._model)
 
 
 def _text_of(content: Any, tok: Tokenizer) -> int:

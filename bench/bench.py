@@ -1,0 +1,588 @@
+"""Side-by-side benchmark: direct, a bare aiohttp pass-through, the sidecar (and LiteLLM's proxy
+when installed), measured in the same run over loopback. Run by hand, never in CI:
+
+    .venv/bin/python bench/bench.py                    # every scenario, ~4 minutes
+    .venv/bin/python bench/bench.py --only throughput  # one scenario
+    .venv/bin/python bench/bench.py --soak-seconds 600 --markdown bench-results.md
+
+The fake upstream and the load generator share this process; each proxy runs in its own process,
+so its CPU time (from /proc) is its own. Results depend on the machine: compare ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import os
+import platform
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+TICK = os.sysconf("SC_CLK_TCK")
+WORDS = [" token", " stream", " meter", " sidecar", " budget", " count", " live", " frame"]
+
+# ---------------------------------------------------------------------------------------------
+# The fake upstream: OpenAI-style SSE, shaped by request headers, events pre-built and cached.
+
+
+@dataclass(frozen=True)
+class Shape:
+    chunks: int = 200
+    pace_ms: float = 0.0
+    tokens: int = 1  # tokens of text per event
+    per_write: int = 1  # events per socket write
+    split: str = "none"  # none | line (mid-line) | char (mid UTF-8 character)
+    tool_bytes: int = 0  # >0: tool-call argument deltas of this size instead of text
+    usage: bool = True
+
+    def headers(self) -> dict[str, str]:
+        return {"X-Bench": orjson.dumps(self.__dict__).decode()}
+
+
+_CACHE: dict[Shape, list[bytes]] = {}
+
+
+def writes_for(shape: Shape) -> list[bytes]:
+    if shape in _CACHE:
+        return _CACHE[shape]
+    base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1,
+            "model": "gpt-4o-mini"}
+    events = []
+    for i in range(shape.chunks):
+        if shape.tool_bytes:
+            delta: dict[str, Any] = {"tool_calls": [{"index": 0, "function": {
+                "arguments": ("x" * shape.tool_bytes)}}]}
+        elif shape.split == "char":
+            delta = {"content": "你好世界" * shape.tokens}
+        else:
+            delta = {"content": "".join(WORDS[(i + j) % len(WORDS)] for j in range(shape.tokens))}
+        events.append(b"data: " + orjson.dumps({**base, "choices": [
+            {"index": 0, "delta": delta, "finish_reason": None}]}) + b"\n\n")
+    if shape.usage:
+        events.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": {
+            "prompt_tokens": 10, "completion_tokens": shape.chunks * shape.tokens,
+            "total_tokens": 10 + shape.chunks * shape.tokens}}) + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    writes = [b"".join(events[i:i + shape.per_write])
+              for i in range(0, len(events), shape.per_write)]
+    if shape.split in ("line", "char"):
+        out = []
+        for w in writes:  # cut every write in two: mid-line, or inside a 3-byte character
+            cut = len(w) // 2
+            if shape.split == "char":
+                cut = w.index("好".encode()) + 1
+            out += [w[:cut], w[cut:]]
+        writes = out
+    _CACHE[shape] = writes
+    return writes
+
+
+def upstream_app() -> web.Application:
+    app = web.Application()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        shape = Shape(**orjson.loads(request.headers.get("X-Bench", "{}")))
+        if request.headers.get("X-Bench-Nonstream"):
+            return web.json_response({
+                "id": "x", "object": "chat.completion", "model": "gpt-4o-mini",
+                "choices": [{"index": 0, "message": {"content": "hello"},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 1}})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        pace = shape.pace_ms / 1000
+        try:
+            for w in writes_for(shape):
+                if pace:
+                    await asyncio.sleep(pace)
+                await resp.write(w)
+            await resp.write_eof()
+        except ConnectionError:
+            pass
+        return resp
+
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets: direct, bare pass-through, sidecar, LiteLLM (optional), each its own process.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes] | None = None
+
+    def cpu_seconds(self) -> float:
+        if self.proc is None:
+            return 0.0
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+
+    def rss(self) -> int:
+        if self.proc is None:
+            return 0
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd")) if self.proc else 0
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def start_targets(upstream: str, with_litellm: bool) -> list[Target]:
+    targets = [Target("direct", upstream)]
+    port = free_port()
+    bare = subprocess.Popen([sys.executable, str(ROOT / "bench" / "passthrough.py"),
+                             "--upstream", upstream, "--port", str(port)])
+    targets.append(Target("bare aiohttp", f"http://127.0.0.1:{port}", bare))
+    port, mport = free_port(), free_port()
+    env = {**os.environ, "SIDECAR_RECORDS": "off", "SIDECAR_STATE": "memory://",
+           "SIDECAR_LOG_LEVEL": "warning", "SIDECAR_MAX_CONCURRENT_REQUESTS": "100000"}
+    sidecar = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "--upstream", upstream,
+                                "--listen", f"127.0.0.1:{port}",
+                                "--metrics-listen", f"127.0.0.1:{mport}"], env=env, cwd=ROOT)
+    targets.append(Target("sidecar", f"http://127.0.0.1:{port}", sidecar))
+    if with_litellm:
+        port = free_port()
+        lite = subprocess.Popen(["litellm", "--port", str(port), "--num_workers", "1",
+                                 "--model", "openai/gpt-4o-mini", "--api_base", upstream + "/v1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        targets.append(Target("litellm", f"http://127.0.0.1:{port}", lite))
+    for t in targets[1:]:
+        wait_port(int(t.url.rsplit(":", 1)[1]), timeout=120)
+    time.sleep(1.0)  # the sidecar loads its encodings in the background once listening
+    return targets
+
+
+# ---------------------------------------------------------------------------------------------
+# The load generator.
+
+
+@dataclass
+class StreamResult:
+    ok: bool
+    ttft: float = 0.0
+    gaps: list[float] = field(default_factory=list)
+    events: int = 0
+
+
+async def one_stream(session: aiohttp.ClientSession, url: str, shape: Shape) -> StreamResult:
+    t0 = time.perf_counter()
+    res = StreamResult(ok=False)
+    body = (b'{"model": "gpt-4o-mini", "stream": true, '
+            b'"messages": [{"role": "user", "content": "hi"}]}')
+    try:
+        async with session.post(url + "/v1/chat/completions", data=body,
+                                headers={**shape.headers(), "Authorization": "Bearer sk-bench",
+                                         "Content-Type": "application/json"}) as r:
+            last = None
+            tail = b""
+            async for data in r.content.iter_any():
+                now = time.perf_counter()
+                if last is None:
+                    res.ttft = now - t0
+                else:
+                    res.gaps.append(now - last)
+                last = now
+                joined = tail + data
+                res.events += joined.count(b"\n\n")
+                tail = joined[-1:]
+            res.ok = r.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        res.ok = False
+    return res
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+@contextlib.asynccontextmanager
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=600)) as s:
+        yield s
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenarios. Each returns (title, header, rows).
+
+Table = tuple[str, list[str], list[list[str]]]
+
+
+async def scenario_ttft(targets: list[Target]) -> Table:
+    shape = Shape(chunks=64, pace_ms=20, tokens=3)
+    rows = []
+    base: dict[str, float] = {}
+    for t in targets:
+        ttfts, gaps = [], []
+        async with client() as s:
+            for _ in range(12):
+                r = await one_stream(s, t.url, shape)
+                ttfts.append(r.ttft)
+                gaps += r.gaps
+        m = {"ttft50": pct(ttfts, .5), "ttft99": pct(ttfts, .99), "gap50": pct(gaps, .5),
+             "gap99": pct(gaps, .99)}
+        if t.name == "direct":
+            base = m
+        rows.append([t.name] + [f"{m[k] * 1000:.2f}" for k in m] +
+                    [f"{(m['ttft50'] - base['ttft50']) * 1000:+.2f}",
+                     f"{(m['gap99'] - base['gap99']) * 1000:+.2f}"])
+    return ("1. One paced stream (64 chunks at 20 ms), ms",
+            ["target", "TTFT p50", "TTFT p99", "gap p50", "gap p99", "added TTFT p50",
+             "added gap p99"], rows)
+
+
+async def scenario_paced(targets: list[Target], levels: list[int]) -> Table:
+    shape = Shape(chunks=40, pace_ms=50, tokens=3)  # 20 chunks/s for 2 s
+    rows = []
+    for t in targets:
+        if t.name == "direct":
+            continue
+        best = 0
+        for n in levels:
+            cpu0, w0 = t.cpu_seconds(), time.perf_counter()
+            async with client() as s:
+                results = await asyncio.gather(*(one_stream(s, t.url, shape) for _ in range(n)))
+            cpu = (t.cpu_seconds() - cpu0) / (time.perf_counter() - w0)
+            stalls = sum(1 for r in results for g in r.gaps if g > 2 * shape.pace_ms / 1000)
+            errors = sum(1 for r in results if not r.ok)
+            max_gap = max((g for r in results for g in r.gaps), default=0)
+            rows.append([t.name, str(n), str(errors), str(stalls), f"{max_gap * 1000:.0f}",
+                         f"{cpu * 100:.0f}%"])
+            if errors or stalls:
+                break
+            best = n
+        rows.append([t.name, f"largest N without stalls: {best}", "", "", "", ""])
+    return ("2. Paced concurrent streams (20 chunks/s each; stall = gap > 100 ms)",
+            ["target", "N", "errors", "stalls", "max gap ms", "proxy CPU (1 core = 100%)"],
+            rows)
+
+
+async def _throughput(t: Target, shape: Shape, streams: int = 20,
+                      repeat: int = 3) -> tuple[float, float]:
+    """Median events/s and proxy CPU ms per 1000 events over ``repeat`` runs."""
+    rates, cpus = [], []
+    for _ in range(repeat):
+        cpu0, w0 = t.cpu_seconds(), time.perf_counter()
+        async with client() as s:
+            results = await asyncio.gather(*(one_stream(s, t.url, shape)
+                                             for _ in range(streams)))
+        wall = time.perf_counter() - w0
+        events = sum(r.events for r in results)
+        assert all(r.ok for r in results), f"{t.name}: failed streams"
+        rates.append(events / wall)
+        cpus.append((t.cpu_seconds() - cpu0) * 1000 / events * 1000)
+    return statistics.median(rates), statistics.median(cpus)
+
+
+async def scenario_throughput(targets: list[Target]) -> Table:
+    rows = []
+    for tokens in (1, 5, 20):
+        shape = Shape(chunks=1000, tokens=tokens)
+        rates: dict[str, float] = {}
+        for t in targets:
+            await _throughput(t, shape, 4, 1)  # warm up connections and caches
+            rate, cpu = await _throughput(t, shape)
+            rates[t.name] = rate
+            ratio = rate / rates["bare aiohttp"] if "bare aiohttp" in rates else float("nan")
+            rows.append([str(tokens), t.name, f"{rate:,.0f}",
+                         "-" if t.proc is None else f"{cpu:.1f}",
+                         "-" if t.name in ("direct", "bare aiohttp") else f"{ratio:.2f}x"])
+    return ("3. Unpaced throughput (20 concurrent streams x 1000 events, median of 3)",
+            ["tokens/event", "target", "events/s", "proxy CPU ms / 1000 events",
+             "vs bare"], rows)
+
+
+def scenario_layers() -> Table:
+    """CPU per 1000 events of each accounting layer, on the sans-IO code alone."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    from sidecar.dialects import get_dialect
+    from sidecar.dialects.base import RequestInfo
+    from sidecar.frames import SSEDecoder
+    from sidecar.meter import Meter
+    from sidecar.tokens import Tokenizers
+
+    tokenizers = Tokenizers()
+    tok = tokenizers.for_model("gpt-4o-mini")
+    dialect = get_dialect("openai")
+
+    class Null:
+        def text(self, *a: Any) -> None: ...
+        def usage(self, *a: Any) -> None: ...
+        def model(self, *a: Any) -> None: ...
+        def finish_reason(self, *a: Any) -> None: ...
+        def error(self, *a: Any) -> None: ...
+        def malformed(self, *a: Any) -> None: ...
+
+    counter = Counter("x", "x", ["a"], registry=CollectorRegistry()).labels("a")
+    rows = []
+    for tokens in (1, 5, 20):
+        writes = writes_for(Shape(chunks=2000, tokens=tokens))
+        events = 2000
+
+        def framing(writes: list[bytes] = writes) -> None:
+            dec = SSEDecoder()
+            for w in writes:
+                dec.feed(w)
+
+        def with_dialect(writes: list[bytes] = writes) -> None:
+            dec, parser = SSEDecoder(), dialect.stream_parser(Null())
+            for w in writes:
+                for f in dec.feed(w):
+                    parser.on_frame(f)  # type: ignore[arg-type]
+
+        def tokenizing(metrics: bool = False, writes: list[bytes] = writes) -> None:
+            m = Meter(dialect, RequestInfo(model="gpt-4o-mini", stream=True), tok,
+                      time.monotonic)
+            m.start_response("text/event-stream", None)
+            for w in writes:
+                m.feed(w)
+                n = m.take_live()
+                if metrics and n:
+                    counter.inc(n)
+            m.end_of_body()
+
+        for name, fn in (("framing", framing), ("+ dialect", with_dialect),
+                         ("+ tokenizing", tokenizing),
+                         ("+ metrics (full meter)", lambda: tokenizing(True))):
+            fn()
+            runs = []
+            for _ in range(5):
+                t0 = time.process_time()
+                fn()
+                runs.append(time.process_time() - t0)
+            ms = min(runs) / events * 1000 * 1000
+            rows.append([str(tokens), name, f"{ms:.1f}", f"{1000 / ms * 1000:,.0f}"])
+    return ("3b. Accounting cost per layer (sans-IO, one core)",
+            ["tokens/event", "layer (cumulative)", "CPU ms / 1000 events", "events/s"], rows)
+
+
+async def scenario_odd(targets: list[Target]) -> Table:
+    rows = []
+    for label, shape in (("8 events per write", Shape(chunks=1000, per_write=8, tokens=3)),
+                         ("split mid-line", Shape(chunks=1000, split="line", tokens=3)),
+                         ("split mid-character", Shape(chunks=1000, split="char", tokens=2)),
+                         ("4 KB tool-call deltas", Shape(tool_bytes=4096, chunks=200))):
+        rates: dict[str, float] = {}
+        for t in targets:
+            await _throughput(t, shape, 4, 1)
+            rate, cpu = await _throughput(t, shape)
+            rates[t.name] = rate
+            ratio = rate / rates.get("bare aiohttp", rate)
+            rows.append([label, t.name, f"{rate:,.0f}", "-" if t.proc is None else f"{cpu:.1f}",
+                         "-" if t.name in ("direct", "bare aiohttp") else f"{ratio:.2f}x"])
+    return ("4. Odd framing (20 concurrent streams)",
+            ["case", "target", "events/s", "proxy CPU ms / 1000 events", "vs bare"], rows)
+
+
+async def scenario_memory(targets: list[Target], levels: list[int]) -> Table:
+    rows = []
+    shape = Shape(chunks=3, pace_ms=4000, tokens=3)  # streams that stay open ~12 s
+    for t in targets:
+        if t.proc is None:
+            continue
+        for n in levels:
+            fds0, rss0 = t.fds(), t.rss()
+            async with client() as s:
+                tasks = [asyncio.create_task(one_stream(s, t.url, shape), name=f"open-{i}")
+                         for i in range(n)]
+                await asyncio.sleep(3)  # all open, first chunk delivered
+                rss_open = t.rss()
+                results = await asyncio.gather(*tasks)
+            await asyncio.sleep(1)
+            errors = sum(1 for r in results if not r.ok)
+            rows.append([t.name, str(n), str(errors), f"{(rss_open - rss0) / n / 1024:.1f}",
+                         f"{t.fds() - fds0:+d}"])
+    return ("5. Memory per open stream (slow streams held open)",
+            ["target", "open streams", "errors", "KB per stream", "fd change after close"],
+            rows)
+
+
+async def scenario_soak(targets: list[Target], seconds: float) -> Table:
+    rows = []
+    shape = Shape(chunks=40, pace_ms=25, tokens=3)
+    for t in targets:
+        if t.proc is None:
+            continue
+        samples: list[tuple[float, int]] = []
+        stop = time.monotonic() + seconds
+
+        async def worker(s: aiohttp.ClientSession, stop: float = stop, url: str = t.url) -> None:
+            while time.monotonic() < stop:
+                await one_stream(s, url, shape)
+
+        async with client() as s:
+            workers = [asyncio.create_task(worker(s), name=f"soak-{i}") for i in range(50)]
+            t0 = time.monotonic()
+            while time.monotonic() < stop:
+                await asyncio.sleep(5)
+                samples.append((time.monotonic() - t0, t.rss()))
+            await asyncio.gather(*workers)
+        xs = [x for x, _ in samples[1:]]  # skip the first sample: warm-up
+        ys = [y / 1024 for _, y in samples[1:]]
+        slope = statistics.linear_regression(xs, ys).slope * 60 if len(xs) > 2 else 0.0
+        rows.append([t.name, f"{seconds:.0f}", f"{ys[0] / 1024:.1f}" if ys else "-",
+                     f"{ys[-1] / 1024:.1f}" if ys else "-", f"{slope:+.1f}"])
+    return ("5b. Soak (50 concurrent paced streams, RSS sampled every 5 s)",
+            ["target", "seconds", "RSS start MiB", "RSS end MiB", "slope KiB/min"], rows)
+
+
+async def scenario_nonstream(targets: list[Target]) -> Table:
+    rows = []
+    body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+    base = None
+    for t in targets:
+        done = 0
+        stop = time.monotonic() + 5
+
+        async def worker(s: aiohttp.ClientSession, url: str = t.url, stop: float = stop) -> None:
+            nonlocal done
+            while time.monotonic() < stop:
+                async with s.post(url + "/v1/chat/completions", data=body,
+                                  headers={"X-Bench-Nonstream": "1"}) as r:
+                    await r.read()
+                done += 1
+
+        async with client() as s:
+            await asyncio.gather(*(worker(s) for _ in range(20)))
+        rate = done / 5
+        base = base or rate
+        rows.append([t.name, f"{rate:,.0f}", f"{rate / base:.2f}x"])
+    return ("6. Non-streaming requests/s (20 concurrent)", ["target", "requests/s", "vs direct"],
+            rows)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def render(tables: list[Table], markdown: bool) -> str:
+    out = []
+    for title, header, rows in tables:
+        out.append(f"\n### {title}\n" if markdown else f"\n{title}")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        if markdown:
+            out.append("| " + " | ".join(header) + " |")
+            out.append("|" + "|".join("---" for _ in header) + "|")
+            out += ["| " + " | ".join(r) + " |" for r in rows]
+        else:
+            out.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+            out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
+
+
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
+                .splitlines() if ln.startswith("model name")), platform.processor())
+    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}")
+
+
+async def run(args: argparse.Namespace) -> list[Table]:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    runner = web.AppRunner(upstream_app(), access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=8192).start()
+    upstream = f"http://127.0.0.1:{port}"
+    litellm = importlib.util.find_spec("litellm") is not None and not args.no_litellm
+    targets = await asyncio.to_thread(start_targets, upstream, litellm)
+    if not litellm:
+        print("LiteLLM's proxy is not installed (pip install 'litellm[proxy]'): not compared.")
+    tables: list[Table] = []
+    only = set(args.only or [])
+    scenarios: list[tuple[str, Callable[[], Any]]] = [
+        ("ttft", lambda: scenario_ttft(targets)),
+        ("paced", lambda: scenario_paced(targets, args.paced)),
+        ("throughput", lambda: scenario_throughput(targets)),
+        ("layers", None),  # type: ignore[list-item]
+        ("odd", lambda: scenario_odd(targets)),
+        ("memory", lambda: scenario_memory(targets, args.memory)),
+        ("soak", lambda: scenario_soak(targets, args.soak_seconds)),
+        ("nonstream", lambda: scenario_nonstream(targets)),
+    ]
+    try:
+        for name, fn in scenarios:
+            if only and name not in only:
+                continue
+            print(f"running {name} ...", flush=True)
+            table = scenario_layers() if name == "layers" else await fn()
+            tables.append(table)
+            print(render([table], markdown=False), flush=True)
+    finally:
+        for t in targets:
+            if t.proc is not None:
+                t.proc.terminate()
+                t.proc.wait(30)
+        await runner.cleanup()
+    return tables
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--only", action="append", choices=["ttft", "paced", "throughput", "layers",
+                                                       "odd", "memory", "soak", "nonstream"])
+    p.add_argument("--paced", type=int, nargs="+", default=[64, 128, 256, 500, 750, 1000])
+    p.add_argument("--memory", type=int, nargs="+", default=[100, 500, 1000, 2000])
+    p.add_argument("--soak-seconds", type=float, default=60.0)
+    p.add_argument("--no-litellm", action="store_true")
+    p.add_argument("--markdown", metavar="FILE", help="also write the tables as Markdown")
+    args = p.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+        loop_name = "uvloop"
+    except ImportError:
+        loop_name = "asyncio"
+    print(f"machine: {machine()}; load generator loop: {loop_name}")
+    tables = asyncio.run(run(args))
+    if args.markdown:
+        Path(args.markdown).write_text(f"Machine: {machine()}\n" + render(tables, True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
