@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from .config import OPTIONS, ConfigError, load_settings, parse_hostport
 
@@ -27,8 +28,9 @@ def _build_parser() -> argparse.ArgumentParser:
                     "shown, or in the YAML --config file. Precedence: flag > env > file.")
     run.add_argument("--config", metavar="FILE", help="YAML config file (env SIDECAR_CONFIG)")
     for attr, opt in _RUN_FLAGS.items():
+        extra: dict[str, Any] = {"nargs": "?", "const": "true"} if opt.switch else {}
         run.add_argument(f"--{attr.replace('_', '-')}", dest=attr, metavar=attr.upper(),
-                         help=f"{opt.help} (env {opt.env}; file key {opt.file_key})")
+                         help=f"{opt.help} (env {opt.env}; file key {opt.file_key})", **extra)
 
     demo = sub.add_parser(
         "demo", help="mock upstream + sidecar + traffic + live view; no key, no network",

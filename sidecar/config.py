@@ -213,6 +213,7 @@ class Option:
     env: str
     parse: Callable[[Any], Any]
     help: str
+    switch: bool = False  # a boolean: `--flag` alone means true
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -229,7 +230,8 @@ OPTIONS: tuple[Option, ...] = (
            "wire format of --upstream: auto (detect per request) or a dialect name"),
     Option("include_usage", "include_usage", "SIDECAR_INCLUDE_USAGE", lambda v: _bool(v),
            "add stream_options.include_usage to OpenAI-format streams of --upstream and hide "
-           "the extra usage chunk from clients that did not ask for it (default false)"),
+           "the extra usage chunk from clients that did not ask for it (default false)",
+           switch=True),
     Option("connect_timeout", "timeouts.connect", "SIDECAR_CONNECT_TIMEOUT", _positive_float,
            "seconds to connect to the upstream (default 10)"),
     Option("read_timeout", "timeouts.read", "SIDECAR_READ_TIMEOUT", _positive_float,
@@ -267,14 +269,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("admin_token", "admin_token", "SIDECAR_ADMIN_TOKEN", lambda v: Secret(_label(v)),
            "if set, GET /budgets needs 'Authorization: Bearer TOKEN'"),
     Option("watch_config", "watch_config", "SIDECAR_WATCH_CONFIG", lambda v: _bool(v),
-           "reload the config file when it changes (SIGHUP always reloads)"),
+           "reload the config file when it changes (SIGHUP always reloads)", switch=True),
     Option("otel_genai", "otel_genai", "SIDECAR_OTEL_GENAI", lambda v: _bool(v),
-           "also export the OpenTelemetry GenAI names (gen_ai_client_token_usage, ...)"),
+           "also export the OpenTelemetry GenAI names (gen_ai_client_token_usage, ...)",
+           switch=True),
     Option("ca_file", "tls.ca_file", "SIDECAR_CA_FILE", lambda v: _readable_file(v),
            "PEM bundle of extra CAs to trust for upstream TLS (verification is always on "
            "unless tls.insecure_skip_verify)"),
     Option("insecure_skip_verify", "tls.insecure_skip_verify", "SIDECAR_INSECURE_SKIP_VERIFY",
-           lambda v: _bool(v), "do not verify upstream TLS certificates (testing only)"),
+           lambda v: _bool(v), "do not verify upstream TLS certificates (testing only)",
+           switch=True),
     Option("max_header_size", "limits.max_header_size", "SIDECAR_MAX_HEADER_SIZE", _size,
            "largest request line or header field accepted, else 400 (default 16KiB)"),
     Option("max_concurrent_requests", "limits.max_concurrent_requests",

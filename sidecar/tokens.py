@@ -261,6 +261,12 @@ class TextCounter:
     # and one regex pass per 64 characters instead of per event is most of the cost saved. The
     # live count lags by at most this much text (about 16 tokens) plus two pieces.
     _BATCH = 64
+    # Pending text that long with no cut (one giant piece: base64, a run with no spaces) is
+    # counted in slices, keeping the last few characters pending. Re-splitting an ever-growing
+    # piece on every event would be quadratic; a slice may miss or add at most one token where
+    # it splits the piece, and only such pieces are ever sliced.
+    _MAX_PENDING = 2048
+    _SLICE_KEEP = 64
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tok = tokenizer
@@ -287,6 +293,8 @@ class TextCounter:
                 return committed
         pieces = tok.pattern.findall(tail)
         if len(pieces) <= 2:
+            if len(tail) > self._MAX_PENDING:
+                return self._slice(tail)
             self._tail = tail
             return 0
         limit = len(tail) - self._MARGIN
@@ -297,10 +305,19 @@ class TextCounter:
                 break
             end = piece_end
         if not end:
+            if len(tail) > self._MAX_PENDING:
+                return self._slice(tail)
             self._tail = tail
             return 0
         committed = tok.weigh_pieces(tail[:end], pieces)
         self._tail = tail[end:]
+        self.total += committed
+        return committed
+
+    def _slice(self, tail: str) -> float:
+        cut = len(tail) - self._SLICE_KEEP
+        committed = self._tok.weigh(tail[:cut])
+        self._tail = tail[cut:]
         self.total += committed
         return committed
 

@@ -279,3 +279,55 @@ def redis_url(tmp_path: Path) -> Any:
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)
+
+
+class SidecarProcess:
+    """`python -m sidecar run` as a child process on free loopback ports."""
+
+    def __init__(self, upstream: str, **env: str) -> None:
+        self.port, self.metrics_port = _free_port(), _free_port()
+        self.env = {**os.environ, "SIDECAR_UPSTREAM": upstream, "SIDECAR_RECORDS": "off",
+                    "SIDECAR_STATE": "memory://", **env}
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self, stderr: int | None = None) -> None:
+        import subprocess
+        import sys
+
+        import aiohttp
+
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sidecar", "run", "--listen", f"127.0.0.1:{self.port}",
+            "--metrics-listen", f"127.0.0.1:{self.metrics_port}", env=self.env, cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=stderr if stderr is not None else subprocess.DEVNULL)
+        async with aiohttp.ClientSession() as s:
+            for _ in range(300):
+                try:
+                    async with s.get(self.metrics_url + "/readyz") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError("the sidecar did not become ready")
+
+    async def stop(self, sig: int | None = None) -> int | None:
+        import signal
+
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM if sig is None else sig)
+            await asyncio.wait_for(self.proc.wait(), 30)
+        return self.proc.returncode if self.proc else None

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import subprocess
-import sys
 
-import aiohttp
-
-from .conftest import ROOT, Script, ScriptedUpstream, _free_port
+from .conftest import Script, ScriptedUpstream, SidecarProcess
 
 CHUNK = b"data: " + b"x" * 16_000 + b"\n\n"
 MIB = 2**20
@@ -43,28 +38,15 @@ async def _run(streams: int, per_stream: int) -> tuple[int, int, int]:
     upstream = ScriptedUpstream()
     await upstream.start()
     n = per_stream // len(CHUNK)
-    port, metrics = _free_port(), _free_port()
-    env = {**os.environ, "SIDECAR_UPSTREAM": upstream.url, "SIDECAR_RECORDS": "off",
-           "SIDECAR_STATE": "memory://"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "run", "--listen", f"127.0.0.1:{port}",
-        "--metrics-listen", f"127.0.0.1:{metrics}", env=env, cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sidecar = SidecarProcess(upstream.url)
+    await sidecar.start()
     writers = []
     try:
-        async with aiohttp.ClientSession() as s:
-            for _ in range(200):
-                try:
-                    async with s.get(f"http://127.0.0.1:{metrics}/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
-        before = rss_bytes(proc.pid)
+        before = rss_bytes(sidecar.pid)
         sids = [upstream.add(Script(chunks=[CHUNK] * n)) for _ in range(streams)]
-        writers = [await _stalled_client(port, sid) for sid in sids]
+        writers = [await _stalled_client(sidecar.port, sid) for sid in sids]
         await asyncio.sleep(3)
-        grown = rss_bytes(proc.pid) - before
+        grown = rss_bytes(sidecar.pid) - before
         written = sum(upstream.written.get(sid, 0) for sid in sids)
         offered = streams * n * len(CHUNK)
         print(f"\n{streams} stalled clients: offered {offered / MIB:.0f} MiB, upstream wrote "
@@ -73,8 +55,7 @@ async def _run(streams: int, per_stream: int) -> tuple[int, int, int]:
     finally:
         for w in writers:
             w.close()
-        proc.terminate()
-        await asyncio.wait_for(proc.wait(), 30)
+        await sidecar.stop()
         await upstream.stop()
 
 

@@ -3,62 +3,34 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from .conftest import ROOT, Script, ScriptedUpstream, _free_port, chat_chunks
+from .conftest import Script, ScriptedUpstream, SidecarProcess, chat_chunks
 
 USAGE = {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}  # 10 tokens a request
 
 
-class Sidecar:
-    """`python -m sidecar run` as a child process."""
+class Sidecar(SidecarProcess):
+    """A sidecar child process with a budget, asked for its spend."""
 
     def __init__(self, upstream: str, config: Path, state: str) -> None:
-        self.port, self.metrics = _free_port(), _free_port()
-        self.env = {**os.environ, "SIDECAR_UPSTREAM": upstream, "SIDECAR_RECORDS": "off",
-                    "SIDECAR_STATE": state, "SIDECAR_CONFIG": str(config)}
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sidecar", "run", "--listen", f"127.0.0.1:{self.port}",
-            "--metrics-listen", f"127.0.0.1:{self.metrics}", env=self.env, cwd=ROOT,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        async with aiohttp.ClientSession() as s:
-            for _ in range(200):
-                try:
-                    async with s.get(f"http://127.0.0.1:{self.metrics}/readyz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-        raise AssertionError("sidecar did not become ready")
+        super().__init__(upstream, SIDECAR_STATE=state, SIDECAR_CONFIG=str(config))
 
     async def spent(self, budget: str = "all") -> float:
-        async with aiohttp.ClientSession() as s, s.get(
-                f"http://127.0.0.1:{self.metrics}/budgets") as r:
+        async with aiohttp.ClientSession() as s, s.get(self.metrics_url + "/budgets") as r:
             data: dict[str, Any] = await r.json()
         return float(next(b["spent"] for b in data["budgets"] if b["name"] == budget))
 
     async def request(self, session: aiohttp.ClientSession, sid: str) -> None:
-        async with session.post(f"http://127.0.0.1:{self.port}/v1/chat/completions",
+        async with session.post(self.url + "/v1/chat/completions",
                                 json={"model": "gpt-4o-mini", "stream": True},
                                 headers={"X-Script": sid}) as r:
             await r.read()
-
-    async def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.returncode is None:
-            self.proc.send_signal(sig)
-            await asyncio.wait_for(self.proc.wait(), 30)
 
 
 def _config(tmp_path: Path) -> Path:

@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
-import os
 import signal
 import socket
 import ssl
 import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -21,7 +19,15 @@ from aiohttp import web
 
 from sidecar.config import Secret, load_settings
 
-from .conftest import ROOT, Script, Stack, StackFactory, _free_port, chat_chunks, sse
+from .conftest import (
+    Script,
+    ScriptedUpstream,
+    SidecarProcess,
+    Stack,
+    StackFactory,
+    chat_chunks,
+    sse,
+)
 
 USAGE = {"prompt_tokens": 11, "completion_tokens": 22, "total_tokens": 33}
 
@@ -261,44 +267,29 @@ async def test_settings_repr_hides_secrets(tmp_path: Path) -> None:
     assert "topsecret" not in repr(s) and "topsecret" not in str(s)
 
 
-async def test_sigterm_drains_in_flight_streams_then_exits(tmp_path: Path) -> None:
-    from .conftest import ScriptedUpstream
-
+async def test_sigterm_drains_in_flight_streams_then_exits() -> None:
     upstream = ScriptedUpstream()
     await upstream.start()
     body = [chunk(f"w{i} ") for i in range(40)] + [b"data: [DONE]\n\n"]
     sid = upstream.add(Script(chunks=body, delay=0.05))  # a 2-second stream
-    port, metrics = _free_port(), _free_port()
-    env = {**os.environ, "SIDECAR_UPSTREAM": upstream.url, "SIDECAR_RECORDS": "off",
-           "SIDECAR_STATE": "memory://", "SIDECAR_SHUTDOWN_GRACE": "10"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "run", "--listen", f"127.0.0.1:{port}",
-        "--metrics-listen", f"127.0.0.1:{metrics}", env=env, cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sidecar = SidecarProcess(upstream.url, SIDECAR_SHUTDOWN_GRACE="10")
+    await sidecar.start()
     try:
         async with aiohttp.ClientSession() as s:
-            for _ in range(200):
-                try:
-                    async with s.get(f"http://127.0.0.1:{metrics}/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
-            stream = asyncio.create_task(_read(s, port, sid), name="draining-stream")
+            stream = asyncio.create_task(_read(s, sidecar.url, sid), name="draining-stream")
             await asyncio.sleep(0.5)
-            proc.send_signal(signal.SIGTERM)
+            assert sidecar.proc is not None
+            sidecar.proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)
             with pytest.raises(OSError):  # no new connections while draining
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                socket.create_connection(("127.0.0.1", sidecar.port), timeout=1).close()
             assert await stream == b"".join(body)  # the stream in flight finished whole
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert await asyncio.wait_for(sidecar.proc.wait(), 20) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
+        await sidecar.stop(signal.SIGKILL)
         await upstream.stop()
 
 
-async def _read(s: aiohttp.ClientSession, port: int, sid: str) -> bytes:
-    async with s.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=b"{}",
-                      headers={"X-Script": sid}) as r:
+async def _read(s: aiohttp.ClientSession, url: str, sid: str) -> bytes:
+    async with s.post(url + "/v1/chat/completions", data=b"{}", headers={"X-Script": sid}) as r:
         return await r.read()

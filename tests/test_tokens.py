@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar import tokens
-from sidecar.tokens import Tokenizers, encoding_name_for_model
+from sidecar.tokens import TextCounter, Tokenizers, encoding_name_for_model
 
 O200K_BLOB = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
 O200K_SHA = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
@@ -181,3 +181,18 @@ def test_long_texts_through_the_fast_cut_equal_whole_count(text: str, sizes: lis
                                                            name: str) -> None:
     tok = _SHARED.by_encoding(name)
     assert _count_fragmented(tok, text, sizes) == tok.count(text)
+
+
+def test_one_giant_piece_is_counted_in_slices_not_quadratically(tokenizers: Tokenizers) -> None:
+    import base64
+
+    tok = tokenizers.by_encoding("o200k_base")
+    blob = base64.b64encode(bytes(range(256)) * 600).decode()  # ~200 KB, no spaces
+    c = tok.counter()
+    for i in range(0, len(blob), 4096):
+        c.feed(blob[i:i + 4096])
+        # Bounded pending text is what keeps the work per event linear in the event's size.
+        assert len(c._tail) <= TextCounter._MAX_PENDING
+    c.flush()
+    slices = len(blob) // TextCounter._MAX_PENDING + 1
+    assert abs(c.total - tok.count(blob)) <= slices  # at most one token per slice boundary

@@ -26,7 +26,7 @@ from .base import (
     as_index,
     as_int,
     as_list,
-    load_json,
+    request_info,
     texts_of,
 )
 
@@ -107,14 +107,7 @@ class AnthropicDialect:
     name = "anthropic"
 
     def parse_request(self, path: str, query: str, body: bytes) -> RequestInfo:
-        obj = load_json(body)
-        info = RequestInfo()
-        if isinstance(obj, dict):
-            model = obj.get("model")
-            info.model = model if isinstance(model, str) else None
-            info.stream = obj.get("stream") is True
-            info.body = obj
-        return info
+        return request_info(body)
 
     def estimate_prompt(self, info: RequestInfo, tokenizer: Tokenizer) -> int:
         body = info.body

@@ -108,6 +108,21 @@ def load_json(body: bytes) -> Any:
         return None
 
 
+def request_info(body: bytes, model: str | None = None, stream: bool = False) -> RequestInfo:
+    """Model and stream flag of a JSON request body; the body's model wins over one given (from
+    the path), and a boolean ``stream`` in the body wins over the format's default."""
+    info = RequestInfo(model=model, stream=stream)
+    obj = load_json(body)
+    if isinstance(obj, dict):
+        info.body = obj
+        name = obj.get("model")
+        if isinstance(name, str) and name:
+            info.model = name
+        if isinstance(obj.get("stream"), bool):
+            info.stream = obj["stream"]
+    return info
+
+
 class JSONFrameParser:
     """Base for streams whose frames carry one JSON object each; subclasses read the object."""
 

@@ -27,7 +27,7 @@ from .base import (
     as_index,
     as_int,
     as_list,
-    load_json,
+    request_info,
     sum_ints,
     texts_of,
 )
@@ -132,21 +132,12 @@ class GeminiDialect:
     name = "gemini"
 
     def parse_request(self, path: str, query: str, body: bytes) -> RequestInfo:
-        info = RequestInfo()
         m = _MODEL_IN_PATH.search(path)
-        if m:
-            info.model = m.group(1)
         streaming = ":streamGenerateContent" in path
-        info.stream = streaming
+        # The Interactions API names the model and the stream flag in the body.
+        info = request_info(body, model=m.group(1) if m else None, stream=streaming)
         info.json_stream = streaming and "alt=sse" not in query
         info.embeddings = ":embedContent" in path or ":batchEmbedContents" in path
-        obj = load_json(body)
-        if isinstance(obj, dict):
-            info.body = obj
-            if isinstance(obj.get("model"), str):  # Interactions API names it in the body
-                info.model = obj["model"]
-            if obj.get("stream") is True:
-                info.stream = True
         return info
 
     def estimate_prompt(self, info: RequestInfo, tokenizer: Tokenizer) -> int:

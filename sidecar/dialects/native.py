@@ -23,7 +23,7 @@ from .base import (
     as_index,
     as_int,
     as_list,
-    load_json,
+    request_info,
     sum_ints,
     texts_of,
 )
@@ -57,20 +57,9 @@ class _SimpleDialect:
     stream_default = False
 
     def parse_request(self, path: str, query: str, body: bytes) -> RequestInfo:
-        info = RequestInfo(stream=self.stream_default)
-        if self.model_in_path is not None:
-            m = self.model_in_path.search(path)
-            if m:
-                info.model = unquote(m.group(1))
-        obj = load_json(body)
-        if isinstance(obj, dict):
-            info.body = obj
-            model = obj.get("model")
-            if isinstance(model, str) and model:
-                info.model = model
-            if isinstance(obj.get("stream"), bool):
-                info.stream = obj["stream"]
-        return info
+        m = self.model_in_path.search(path) if self.model_in_path is not None else None
+        return request_info(body, model=unquote(m.group(1)) if m else None,
+                            stream=self.stream_default)
 
     def estimate_prompt(self, info: RequestInfo, tokenizer: Tokenizer) -> int:
         return _count_texts(info.body, tokenizer)

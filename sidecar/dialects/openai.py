@@ -23,7 +23,7 @@ from .base import (
     Usage,
     as_index,
     as_int,
-    load_json,
+    request_info,
 )
 from .functions import estimate_legacy_chat, uses_legacy_functions
 
@@ -239,19 +239,9 @@ class OpenAIDialect:
     name = "openai"
 
     def parse_request(self, path: str, query: str, body: bytes) -> RequestInfo:
-        info = RequestInfo()
-        obj = load_json(body)
-        m = _AZURE_DEPLOYMENT.search(path)
-        if m:
-            info.model = m.group(1)
+        deployment = _AZURE_DEPLOYMENT.search(path)  # Azure names the model in the path
+        info = request_info(body, model=deployment.group(1) if deployment else None)
         info.embeddings = path.rstrip("/").endswith("/embeddings")
-        if not isinstance(obj, dict):
-            return info
-        model = obj.get("model")
-        if isinstance(model, str) and model:
-            info.model = model
-        info.stream = obj.get("stream") is True
-        info.body = obj
         return info
 
     def estimate_prompt(self, info: RequestInfo, tokenizer: Tokenizer) -> int:
