@@ -29,6 +29,7 @@ from .base import (
     request_info,
     texts_of,
 )
+from .images import anthropic_image_tokens, data_url_size
 
 _RAW_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens",
                "cache_creation_input_tokens")
@@ -103,6 +104,17 @@ class AnthropicStreamParser(JSONFrameParser):
             sink.error(str(err.get("message") if isinstance(err, dict) else err))
 
 
+def _image_tokens(source: Any) -> int:
+    """Anthropic's published image formula for base64 sources (URL images: size unknown)."""
+    if not isinstance(source, dict) or source.get("type") != "base64":
+        return 0
+    data = source.get("data")
+    if not isinstance(data, str):
+        return 0
+    size = data_url_size(f"data:{source.get('media_type', 'image/png')};base64,{data[:4096]}")
+    return anthropic_image_tokens(size) or 0
+
+
 class AnthropicDialect:
     name = "anthropic"
 
@@ -122,6 +134,8 @@ class AnthropicDialect:
                 for part in parts:
                     if isinstance(part, dict) and part.get("type") == "tool_use":
                         n += tokenizer.count(orjson.dumps(part.get("input")).decode())
+                    elif isinstance(part, dict) and part.get("type") == "image":
+                        n += _image_tokens(part.get("source"))
         tools = body.get("tools")
         if isinstance(tools, list) and tools:
             n += tokenizer.count(orjson.dumps(tools).decode())

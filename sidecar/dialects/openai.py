@@ -26,6 +26,7 @@ from .base import (
     request_info,
 )
 from .functions import estimate_legacy_chat, uses_legacy_functions
+from .images import data_url_size, openai_image_tokens
 
 _AZURE_DEPLOYMENT = re.compile(r"/openai/deployments/([^/]+)/")
 
@@ -164,8 +165,9 @@ class OpenAIStreamParser(JSONFrameParser):
         self._model = read_completion(obj, self.sink, streamed=True, last_model=self._model)
 
 
-def _text_of(content: Any, tok: Tokenizer) -> int:
-    """Tokens of a message field: strings, and the text parts of a content list."""
+def _text_of(content: Any, tok: Tokenizer, model: str | None = None) -> int:
+    """Tokens of a message field: strings, the text parts of a content list, and images where
+    OpenAI publishes the formula (see images.py)."""
     if isinstance(content, str):
         return tok.count(content)
     if isinstance(content, list):
@@ -175,6 +177,12 @@ def _text_of(content: Any, tok: Tokenizer) -> int:
                 text = part.get("text")
                 if isinstance(text, str):
                     n += tok.count(text)
+                image = part.get("image_url")
+                if isinstance(image, dict | str):
+                    url = image.get("url") if isinstance(image, dict) else image
+                    detail = image.get("detail") if isinstance(image, dict) else None
+                    size = data_url_size(url) if isinstance(url, str) else None
+                    n += openai_image_tokens(model, size, detail) or 0
             elif isinstance(part, str):
                 n += tok.count(part)
         return n
@@ -196,7 +204,7 @@ def estimate_chat_prompt(messages: list[Any], model: str | None, tok: Tokenizer)
             continue
         n += per_message
         for key, value in message.items():
-            n += _text_of(value, tok)
+            n += _text_of(value, tok, model)
             if key == "name":
                 n += per_name
     return n + 3
