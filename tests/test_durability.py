@@ -109,3 +109,32 @@ async def test_two_replicas_on_one_redis_see_the_same_spend(tmp_path: Path,
         await a.stop()
         await b.stop()
         await upstream.stop()
+
+
+async def test_sighup_reloads_budgets_and_refuses_a_broken_file(tmp_path: Path) -> None:
+    upstream = ScriptedUpstream()
+    await upstream.start()
+    cfg = _config(tmp_path)
+    sc = Sidecar(upstream.url, cfg, "memory://")
+    await sc.start()
+    try:
+        async def names() -> list[str]:
+            async with aiohttp.ClientSession() as s, s.get(sc.metrics_url + "/budgets") as r:
+                return [b["name"] for b in (await r.json())["budgets"]]
+
+        assert await names() == ["all"]
+        cfg.write_text("budgets:\n  - name: reloaded\n    window: hour\n    limit_usd: 5\n")
+        assert sc.proc is not None
+        sc.proc.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            if await names() == ["reloaded"]:
+                break
+            await asyncio.sleep(0.05)
+        assert await names() == ["reloaded"]
+        cfg.write_text("budgets: [oops\n")  # invalid YAML: refused, the running config kept
+        sc.proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        assert await names() == ["reloaded"] and sc.proc.returncode is None
+    finally:
+        await sc.stop()
+        await upstream.stop()
