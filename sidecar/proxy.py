@@ -343,13 +343,18 @@ class Proxy:
             ex.charge.add(self.ledger, n, n * price.input / 1e6 if price else None, self.wall())
 
     def _live_output(self, ex: _Exchange) -> None:
+        """Called after every upstream read: the labelled counter is resolved once per request,
+        and the budget clock is read only when the request has budgets."""
         n = ex.meter.take_live()
         if n:
-            self.metrics.live_tokens.labels(ex.provider, ex.model, "output", ex.key,
-                                            ex.team).inc(n)
-            price = ex.charge.price
-            ex.charge.add(self.ledger, n, n * price.output / 1e6 if price else None,
-                          self.wall())
+            if ex.live_out is None:
+                ex.live_out = self.metrics.live_tokens.labels(ex.provider, ex.model, "output",
+                                                              ex.key, ex.team)
+            ex.live_out.inc(n)
+            if ex.charge.budgets:
+                price = ex.charge.price
+                ex.charge.add(self.ledger, n, n * price.output / 1e6 if price else None,
+                              self.wall())
 
     def _finish(self, ex: _Exchange) -> None:
         meter = ex.meter
@@ -421,6 +426,7 @@ class _Exchange:
     error: str | None = None
     abort: bool = False
     billable: bool = True
+    live_out: Any = field(default=None, repr=False)  # the labelled live output counter
 
 
 def _operation(ex: _Exchange) -> str:
