@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test system-deps sync-rules dashboards bench clean
+.PHONY: demo test system-deps sync-rules dashboards bench prices clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ sync-rules: $(VENV)/.runtime
 ## dashboards: regenerate grafana/dashboards/*.json from grafana/generate.py
 dashboards:
 	$(PYTHON) grafana/generate.py
+
+## prices: regenerate sidecar/data/prices.json from the pinned genai-prices (pyproject.toml)
+prices: $(VENV)/.dev
+	$(BIN)/python scripts/update-prices
 
 ## bench: the side-by-side benchmark (by hand, not in CI; ~5 minutes; see docs/PERFORMANCE.md)
 bench: $(VENV)/.dev

@@ -33,7 +33,6 @@ import orjson
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
-TICK = os.sysconf("SC_CLK_TCK")
 WORDS = [" token", " stream", " meter", " sidecar", " budget", " count", " live", " frame"]
 
 # ---------------------------------------------------------------------------------------------
@@ -145,11 +144,16 @@ class Target:
     proc: subprocess.Popen[bytes] | None = None
 
     def cpu_seconds(self) -> float:
+        """CPU time of every thread, from the scheduler's nanosecond counters (the 10 ms ticks
+        of /proc/PID/stat are too coarse to compare runs a few percent apart)."""
         if self.proc is None:
             return 0.0
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICK
+        total = 0
+        for task in os.listdir(f"/proc/{self.proc.pid}/task"):
+            with contextlib.suppress(OSError), \
+                    open(f"/proc/{self.proc.pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total / 1e9
 
     def rss(self) -> int:
         if self.proc is None:
@@ -173,19 +177,48 @@ def wait_port(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def start_targets(upstream: str, with_litellm: bool) -> list[Target]:
+# --budget: every request matches a USD budget, so live spend is computed per event.
+BUDGET_CONFIG = """budgets:
+  - {name: bench, match: {model: "*"}, window: day, limit_usd: 1000000000, action: block}
+"""
+
+
+def start_sidecar(name: str, upstream: str, tree: Path, config: Path | None) -> Target:
+    """A sidecar from a source tree (this checkout, or a baseline worktree), its own process."""
+    port, mport = free_port(), free_port()
+    env = {**os.environ, "SIDECAR_RECORDS": "off", "SIDECAR_STATE": "memory://",
+           "SIDECAR_LOG_LEVEL": "warning", "SIDECAR_MAX_CONCURRENT_REQUESTS": "100000",
+           "PYTHONPATH": str(tree)}
+    cmd = [sys.executable, "-m", "sidecar", "run", "--upstream", upstream,
+           "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{mport}"]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    return Target(name, f"http://127.0.0.1:{port}", subprocess.Popen(cmd, env=env, cwd=tree))
+
+
+def baseline_tree(ref: str) -> Path:
+    """A detached worktree of ``ref`` (removed again by remove_baseline)."""
+    path = Path(f"/tmp/sidecar-bench-baseline-{os.getpid()}")
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(path), ref],
+                   check=True, capture_output=True)
+    return path
+
+
+def remove_baseline(path: Path) -> None:
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)],
+                   check=False, capture_output=True)
+
+
+def start_targets(upstream: str, with_litellm: bool, baseline: Path | None = None,
+                  baseline_name: str = "", config: Path | None = None) -> list[Target]:
     targets = [Target("direct", upstream)]
     port = free_port()
     bare = subprocess.Popen([sys.executable, str(ROOT / "bench" / "passthrough.py"),
                              "--upstream", upstream, "--port", str(port)])
     targets.append(Target("bare aiohttp", f"http://127.0.0.1:{port}", bare))
-    port, mport = free_port(), free_port()
-    env = {**os.environ, "SIDECAR_RECORDS": "off", "SIDECAR_STATE": "memory://",
-           "SIDECAR_LOG_LEVEL": "warning", "SIDECAR_MAX_CONCURRENT_REQUESTS": "100000"}
-    sidecar = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "--upstream", upstream,
-                                "--listen", f"127.0.0.1:{port}",
-                                "--metrics-listen", f"127.0.0.1:{mport}"], env=env, cwd=ROOT)
-    targets.append(Target("sidecar", f"http://127.0.0.1:{port}", sidecar))
+    if baseline is not None:
+        targets.append(start_sidecar(f"sidecar@{baseline_name}", upstream, baseline, config))
+    targets.append(start_sidecar("sidecar", upstream, ROOT, config))
     if with_litellm:
         port = free_port()
         lite = subprocess.Popen(["litellm", "--port", str(port), "--num_workers", "1",
@@ -332,7 +365,7 @@ async def scenario_throughput(targets: list[Target]) -> Table:
             rates[t.name] = rate
             ratio = rate / rates["bare aiohttp"] if "bare aiohttp" in rates else float("nan")
             rows.append([str(tokens), t.name, f"{rate:,.0f}",
-                         "-" if t.proc is None else f"{cpu:.1f}",
+                         "-" if t.proc is None else f"{cpu:.2f}",
                          "-" if t.name in ("direct", "bare aiohttp") else f"{ratio:.2f}x"])
     return ("3. Unpaced throughput (20 concurrent streams x 1000 events, median of 3)",
             ["tokens/event", "target", "events/s", "proxy CPU ms / 1000 events",
@@ -418,7 +451,7 @@ async def scenario_odd(targets: list[Target]) -> Table:
             rate, cpu = await _throughput(t, shape)
             rates[t.name] = rate
             ratio = rate / rates.get("bare aiohttp", rate)
-            rows.append([label, t.name, f"{rate:,.0f}", "-" if t.proc is None else f"{cpu:.1f}",
+            rows.append([label, t.name, f"{rate:,.0f}", "-" if t.proc is None else f"{cpu:.2f}",
                          "-" if t.name in ("direct", "bare aiohttp") else f"{ratio:.2f}x"])
     return ("4. Odd framing (20 concurrent streams)",
             ["case", "target", "events/s", "proxy CPU ms / 1000 events", "vs bare"], rows)
@@ -544,7 +577,13 @@ async def run(args: argparse.Namespace) -> list[Table]:
     await web.TCPSite(runner, "127.0.0.1", port, backlog=8192).start()
     upstream = f"http://127.0.0.1:{port}"
     litellm = importlib.util.find_spec("litellm") is not None and not args.no_litellm
-    targets = await asyncio.to_thread(start_targets, upstream, litellm)
+    config = None
+    if args.budget:
+        config = Path(f"/tmp/sidecar-bench-{os.getpid()}.yaml")
+        config.write_text(BUDGET_CONFIG)
+    baseline = baseline_tree(args.baseline) if args.baseline else None
+    targets = await asyncio.to_thread(start_targets, upstream, litellm, baseline,
+                                      args.baseline or "", config)
     if not litellm:
         print("LiteLLM's proxy is not installed (pip install 'litellm[proxy]'): not compared.")
     tables: list[Table] = []
@@ -573,6 +612,10 @@ async def run(args: argparse.Namespace) -> list[Table]:
                 t.proc.terminate()
                 t.proc.wait(30)
         await runner.cleanup()
+        if baseline is not None:
+            remove_baseline(baseline)
+        if config is not None:
+            config.unlink(missing_ok=True)
     return tables
 
 
@@ -584,6 +627,10 @@ def main() -> int:
     p.add_argument("--memory", type=int, nargs="+", default=[100, 500, 1000, 2000])
     p.add_argument("--soak-seconds", type=float, default=60.0)
     p.add_argument("--no-litellm", action="store_true")
+    p.add_argument("--baseline", metavar="GIT_REF",
+                   help="also run the sidecar of this commit (a temporary worktree), side by side")
+    p.add_argument("--budget", action="store_true",
+                   help="give every sidecar a USD budget matching every request")
     p.add_argument("--markdown", metavar="FILE", help="also write the tables as Markdown")
     args = p.parse_args()
     try:

@@ -32,7 +32,7 @@ from .config import ConfigError, Settings, load_settings
 from .ledger import Ledger
 from .metrics import BudgetCollector, Metrics
 from .notifier import Notifier
-from .prices import PriceTable
+from .pricing import price_book
 from .proxy import Policy, Proxy, RecordSink
 from .state import StateStore, open_store
 from .tokens import Tokenizers, encoding_source
@@ -103,7 +103,7 @@ class ConcurrencyLimit:
 
 def policy_for(settings: Settings) -> Policy:
     return Policy(Attributor(settings.keys, settings.team_header, settings.key_hash_secret),
-                  PriceTable.with_defaults(settings.prices))
+                  price_book(settings.prices, settings.prices_file))
 
 
 @dataclass(slots=True)
@@ -121,6 +121,8 @@ class Apps:
         self.handler.policy = policy_for(new)
         self.ledger.set_budgets(new.budgets)
         self.settings.prices, self.settings.budgets = new.prices, new.budgets
+        self.settings.prices_file = new.prices_file
+        self.handler.metrics.price_data(self.handler.policy.prices)
         self.reloads.append(time.strftime("%Y-%m-%dT%H:%M:%S"))
         log.info("config reloaded: %d budgets, %d price overrides, %d key aliases",
                  len(new.budgets), len(new.prices), len(new.keys))
@@ -164,6 +166,7 @@ def make_app(
                     tokenizers=tokenizers, policy=policy_for(settings), ledger=ledger,
                     record_sink=record_sink, calibration=calibration, clock=clock, wall=wall)
     apps = Apps(proxy_app, web.Application(), registry, handler, ledger, settings)
+    metrics.price_data(handler.policy.prices)
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         # Load tokenizers off the loop: the first load parses a few MB of vocabulary.

@@ -1,4 +1,6 @@
-"""Command line: `sidecar run|demo|replay|top`. Each `run` flag has an environment variable twin."""
+"""Command line: `sidecar run|demo|replay|price|prices-update|top`.
+
+Each `run` flag has an environment variable twin."""
 
 from __future__ import annotations
 
@@ -57,8 +59,44 @@ def _build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--json", action="store_true", help="machine-readable output")
     replay.add_argument("--dialect", default=None,
                         help="force a dialect instead of sniffing it from the bytes")
+    replay.add_argument("--provider", default=None,
+                        help="provider label for prices (default: the folder's name when it "
+                             "is a provider, else the format's)")
+    replay.add_argument("--model", default=None,
+                        help="model to tokenize and price by when a capture names none")
+    replay.add_argument("--prices-file", default=None,
+                        help="price data file instead of the bundled snapshot")
     replay.add_argument("--chunk", type=int, default=0,
                         help="feed the meter N bytes at a time (default: whole file)")
+
+    price = sub.add_parser(
+        "price", help="a model's price schedule, and the cost of some usage",
+        description="Look a model up in the price data (the bundled genai-prices snapshot, or "
+                    "--prices-file) and print its schedule; with --input/--output/..., the "
+                    "cost of that usage. Exit status 1 when the model is unpriced.")
+    price.add_argument("model")
+    price.add_argument("--provider", default=None,
+                       help="provider label (openai, anthropic, gemini, bedrock, azure-openai, "
+                            "...); default: any provider whose model names match")
+    for flag, help_ in (("input", "input tokens (cached ones included)"),
+                        ("output", "output tokens (reasoning included)"),
+                        ("cached-input", "cache reads (part of --input)"),
+                        ("cache-write", "cache writes (part of --input)"),
+                        ("cache-write-1h", "1-hour cache writes (part of --cache-write)"),
+                        ("web-searches", "server-side web searches")):
+        price.add_argument(f"--{flag}", type=int, default=0, help=help_)
+    price.add_argument("--service-tier", default=None,
+                       help="service tier of the answer (flex, priority, ...)")
+    price.add_argument("--prices-file", default=None, help="price data file to use")
+    price.add_argument("--json", action="store_true", help="machine-readable output")
+
+    update = sub.add_parser(
+        "prices-update", help="download newer price data from genai-prices (opt-in network)",
+        description="Fetch genai-prices' data.json, check that it loads, and write it to --out. "
+                    "The sidecar never fetches prices by itself; point prices_file at the "
+                    "result and reload.")
+    update.add_argument("--out", required=True, help="file to write")
+    update.add_argument("--url", default=None, help="source URL (default: genai-prices' own)")
 
     top = sub.add_parser("top", help="terminal dashboard for a running sidecar",
                          description="Poll a sidecar's /metrics and show live tokens per model.")
@@ -121,7 +159,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "replay":
         from .replay import main as replay_main
 
-        return replay_main(args.files, as_json=args.json, dialect=args.dialect, chunk=args.chunk)
+        return replay_main(args.files, as_json=args.json, dialect=args.dialect, chunk=args.chunk,
+                           provider=args.provider, model=args.model,
+                           prices_file=args.prices_file)
+    if args.command == "price":
+        from .price_cli import price_main
+
+        usage = {key: n for key, n in (
+            ("input_tokens", args.input), ("output_tokens", args.output),
+            ("cache_read_tokens", args.cached_input), ("cache_write_tokens", args.cache_write),
+            ("cache_write_1h_tokens", args.cache_write_1h),
+            ("web_searches", args.web_searches)) if n}
+        return price_main(args.model, provider=args.provider, usage=usage, as_json=args.json,
+                          service_tier=args.service_tier, prices_file=args.prices_file)
+    if args.command == "prices-update":
+        from .price_cli import UPDATE_URL, update_main
+
+        return update_main(args.out, args.url or UPDATE_URL)
     if args.command == "top":
         from .top import run_top
 

@@ -65,6 +65,7 @@ class Route:
     provider: str | None = None  # label; derived from the upstream host or dialect when None
     strip_prefix: bool = True
     include_usage: bool = False
+    client_disconnect: str | None = None  # None: the global setting
 
 
 @dataclass(slots=True)
@@ -80,8 +81,8 @@ class Settings:
     read_timeout: float = 300.0
     max_request_body: int = 32 * 1024 * 1024
     max_frame_size: int = 8 * 1024 * 1024
-    client_disconnect: str = "close"
-    drain_timeout: float = 10.0
+    client_disconnect: str = "auto"
+    drain_timeout: float = 120.0
     max_keys: int = 1000
     max_teams: int = 200
     max_models: int = 200
@@ -90,7 +91,8 @@ class Settings:
     keys: tuple[KeyEntry, ...] = ()
     records: str = "-"
     state: str = "sqlite:///sidecar-state.db"
-    prices: dict[str, Any] = field(default_factory=dict)  # model -> prices.Price overrides
+    prices: tuple[Any, ...] = ()  # pricing.Override, in file order
+    prices_file: str | None = None
     budgets: tuple[Any, ...] = ()  # budgets.Budget
     webhook_url: str | None = None
     webhook_timeout: float = 5.0
@@ -241,11 +243,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_frame_size", "limits.max_frame_size", "SIDECAR_MAX_FRAME_SIZE", _size,
            "largest SSE/NDJSON frame the meter buffers (default 8MiB)"),
     Option("client_disconnect", "client_disconnect.upstream", "SIDECAR_CLIENT_DISCONNECT",
-           _choice("close", "drain"),
-           "on client disconnect: close the upstream at once, or drain it to read usage "
-           "(default close)"),
+           _choice("auto", "close", "drain"),
+           "on client disconnect: drain the upstream to its end so the record equals the bill, "
+           "or close it at once (stops generation at a provider); auto = drain beside a "
+           "gateway, close in front of a known provider host or Ollama (default auto)"),
     Option("drain_timeout", "client_disconnect.drain_timeout", "SIDECAR_DRAIN_TIMEOUT",
-           _positive_float, "seconds to drain the upstream after a disconnect (default 10)"),
+           _positive_float, "seconds to drain the upstream after a disconnect (default 120)"),
+    Option("prices_file", "prices_file", "SIDECAR_PRICES_FILE", lambda v: _prices_file(v),
+           "price data: a genai-prices data.json to use instead of the bundled snapshot "
+           "(default: bundled; refresh with 'sidecar prices-update')"),
     Option("max_keys", "labels.max_keys", "SIDECAR_MAX_KEYS", _positive_int,
            "distinct 'key' label values before new ones become 'other' (default 1000); each "
            "adds one series per model and token type"),
@@ -350,10 +356,11 @@ def _parse_routes(raw: Any, problems: list[str]) -> tuple[Route, ...]:
             problems.append(f"{where}: expected a mapping with prefix and upstream")
             continue
         unknown = set(entry) - {"prefix", "upstream", "dialect", "provider", "strip_prefix",
-                                "include_usage"}
+                                "include_usage", "client_disconnect"}
         if unknown:
             problems.append(f"{where}: unknown keys {sorted(unknown)} (known: prefix, upstream, "
-                            "dialect, provider, strip_prefix, include_usage)")
+                            "dialect, provider, strip_prefix, include_usage, "
+                            "client_disconnect)")
         prefix = str(entry.get("prefix", "")).strip()
         if not prefix.startswith("/"):
             problems.append(f"{where}.prefix: must start with '/', e.g. /anthropic")
@@ -363,7 +370,8 @@ def _parse_routes(raw: Any, problems: list[str]) -> tuple[Route, ...]:
         seen.add(prefix)
         kwargs: dict[str, Any] = {"prefix": prefix.rstrip("/") or "/"}
         for key, parse in (("upstream", _url), ("dialect", _dialect), ("provider", _label),
-                           ("strip_prefix", _bool), ("include_usage", _bool)):
+                           ("strip_prefix", _bool), ("include_usage", _bool),
+                           ("client_disconnect", _choice("auto", "close", "drain"))):
             if entry.get(key) is None:
                 if key == "upstream":
                     problems.append(f"{where}.upstream: required, the URL this prefix goes to")
@@ -377,39 +385,54 @@ def _parse_routes(raw: Any, problems: list[str]) -> tuple[Route, ...]:
     return tuple(out)
 
 
-def _parse_prices(raw: Any, problems: list[str]) -> dict[str, Any]:
-    from .prices import Price
+def _parse_prices(raw: Any, problems: list[str]) -> tuple[Any, ...]:
+    from .pricing import OVERRIDE_KEYS, Override
 
     if raw is None:
-        return {}
+        return ()
     if not isinstance(raw, Mapping):
         problems.append("prices: expected model: {input: USD, output: USD, ...} per 1M tokens")
-        return {}
-    out = {}
-    fields = ("input", "output", "cached_input", "cache_write_input", "reasoning")
+        return ()
+    out = []
+    known = (*OVERRIDE_KEYS, "provider")
     for model, entry in raw.items():
         where = f"prices.{model}"
         if not isinstance(entry, Mapping):
             problems.append(f"{where}: expected {{input: USD, output: USD}} per 1M tokens")
             continue
-        unknown = set(entry) - set(fields)
+        unknown = set(entry) - set(known)
         if unknown:
-            problems.append(f"{where}: unknown keys {sorted(unknown)} (known: {', '.join(fields)})")
+            problems.append(f"{where}: unknown keys {sorted(unknown)} (known: {', '.join(known)})")
             continue
         values: dict[str, float] = {}
-        for f in fields:
+        for f in OVERRIDE_KEYS:
             v = entry.get(f)
             if v is None:
                 continue
             if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-                problems.append(f"{where}.{f}: expected USD per 1M tokens, a number >= 0")
+                unit = "per 1,000 calls" if f.endswith("_per_1k") else "per 1M tokens"
+                problems.append(f"{where}.{f}: expected USD {unit}, a number >= 0")
                 continue
             values[f] = float(v)
         if "input" not in values or "output" not in values:
             problems.append(f"{where}: input and output prices are required")
             continue
-        out[str(model).lower()] = Price(**values)
-    return out
+        provider = entry.get("provider")
+        out.append(Override.build(str(model), values,
+                                  str(provider).strip() if provider else None))
+    return tuple(out)
+
+
+def _prices_file(value: Any) -> str:
+    from .pricing import PriceDataError, load_data
+
+    path = _readable_file(value)
+    try:
+        load_data(path)
+    except PriceDataError as exc:
+        raise ValueError(f"{exc} (fix: a genai-prices data.json, e.g. from "
+                         "'sidecar prices-update --out FILE')") from None
+    return path
 
 
 def all_routes(settings: Settings) -> list[Route]:

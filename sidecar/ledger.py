@@ -14,7 +14,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .budgets import Budget, Status, status
-from .prices import Price
 
 Key = tuple[str, int]  # (budget name, bucket start)
 
@@ -109,7 +108,9 @@ class Charge:
     """What one request has added to its budgets so far."""
 
     budgets: tuple[Budget, ...]
-    price: Price | None
+    # USD per input and output token for live spend (None: unpriced), resolved once per request.
+    in_rate: float | None = None
+    out_rate: float | None = None
     tokens: float = 0.0
     usd: float = 0.0
     blocking: tuple[Budget, ...] = field(default_factory=tuple)

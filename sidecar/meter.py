@@ -46,6 +46,16 @@ class Settlement:
     error: str | None
     frame_errors: int
     first_token_at: float | None
+    # Billing details as the provider reported them (None: not reported).
+    cache_write_1h_input_tokens: int | None = None
+    input_audio_tokens: int | None = None
+    cached_audio_input_tokens: int | None = None
+    output_audio_tokens: int | None = None
+    billed_input_tokens: int | None = None
+    billed_output_tokens: int | None = None
+    server_tools: dict[str, int] | None = None
+    service_tier: str | None = None
+    reported_cost_usd: float | None = None
 
     @property
     def source(self) -> str:
@@ -308,5 +318,14 @@ class Meter:
             error=self.error_message,
             frame_errors=self.frame_errors,
             first_token_at=self.first_token_at,
+            cache_write_1h_input_tokens=r.cache_write_1h_input,
+            input_audio_tokens=r.input_audio,
+            cached_audio_input_tokens=r.cached_audio_input,
+            output_audio_tokens=r.output_audio,
+            billed_input_tokens=r.billed_input,
+            billed_output_tokens=r.billed_output,
+            server_tools=r.server_tools,
+            service_tier=r.service_tier,
+            reported_cost_usd=r.cost_usd,
         )
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .ledger import Ledger
 from .meter import SOURCE_ESTIMATED, Settlement
+from .pricing import PriceBook
 
 OTHER = "other"
 
@@ -173,6 +174,12 @@ class Metrics:
         self.unpriced = Counter(
             "llm_unpriced_tokens", "Settled tokens of models with no price (not in any cost)",
             ["provider", "model"], registry=registry)
+        self.server_tool_calls = Counter(
+            "llm_server_tool_calls", "Server-side tool calls the provider reported (billed per "
+            "call: web search, file search, ...)", ["provider", "model", "tool"],
+            registry=registry)
+        self.price_info = Info(
+            "llm_price_data", "The price data costs are computed from", registry=registry)
         self.genai = GenAIMetrics(registry) if otel_genai else None
 
     def cost(self, provider: str, model: str, key: str, team: str, source: str,
@@ -182,6 +189,12 @@ class Metrics:
                 self.unpriced.labels(provider, model).inc(tokens)
         elif usd > 0:
             self.cost_usd.labels(provider, model, key, team, source).inc(usd)
+
+    def price_data(self, book: PriceBook) -> None:
+        d = book.data
+        self.price_info.info({"source": d.source, "version": d.version or "",
+                              "data_as_of": d.data_as_of or "",
+                              "overrides": str(len(book.overrides))})
 
     def model_label(self, model: str | None) -> str:
         return self.cap_model(model)
@@ -200,6 +213,14 @@ class Metrics:
         if s.reasoning_tokens is not None and s.reasoning_source is not None:
             t.labels(provider, model, "reasoning", s.reasoning_source, key, team).inc(
                 s.reasoning_tokens)
+        for token_type, n, source in (
+                ("cache_write_1h_input", s.cache_write_1h_input_tokens, s.input_source),
+                ("input_audio", s.input_audio_tokens, s.input_source),
+                ("output_audio", s.output_audio_tokens, s.output_source)):
+            if n is not None:
+                t.labels(provider, model, token_type, source, key, team).inc(n)
+        for tool, calls in (s.server_tools or {}).items():
+            self.server_tool_calls.labels(provider, model, tool).inc(calls)
         if s.output_source != SOURCE_ESTIMATED and s.output_tokens > 0 and (
             s.estimated_output_tokens > 0
         ):

@@ -28,7 +28,7 @@ from .errors import stream_error_event
 from .ledger import Charge, Ledger, exhausted
 from .meter import Meter, Settlement
 from .metrics import Metrics
-from .prices import PriceTable, settlement_cost
+from .pricing import UNPRICED, Entry, PriceBook, Priced, live_rates, price_settlement
 from .routing import Target, route, targets
 from .tokens import Tokenizers
 from .usage_inject import UsageChunkFilter, inject
@@ -76,7 +76,7 @@ class Policy:
     """What a config reload replaces: attribution, prices; budgets live in the ledger."""
 
     attributor: Attributor
-    prices: PriceTable
+    prices: PriceBook
 
 
 class Proxy:
@@ -163,14 +163,19 @@ class Proxy:
             meter.input_scale = self.calibration.factor(model, "input")
         budgets = self.ledger.matching({"key": ident.key, "team": ident.team,
                                         "model": info.model or "", "provider": provider})
-        charge = Charge(budgets, self.policy.prices.lookup(info.model),
+        book = self.policy.prices
+        entry = book.resolve(provider, info.model, strict=target.provider_known)
+        in_rate, out_rate = live_rates(entry, self.wall()) if budgets else (None, None)
+        charge = Charge(budgets, in_rate, out_rate,
                         blocking=tuple(b for b in budgets if b.action == "block"))
         return _Exchange(
             secret=bearer_key(request.headers, request.query_string),
             request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex,
             method=request.method, path=request.path, stream_requested=info.stream, t0=t0,
             key=m.cap_key(ident.key), team=m.cap_team(ident.team), provider=provider,
-            model=model, dialect=dialect_name, meter=meter, charge=charge, body=body)
+            model=model, dialect=dialect_name, meter=meter, charge=charge, body=body,
+            entry=entry, book=book, strict_provider=target.provider_known,
+            disconnect=target.disconnect_policy(dialect_name))
 
     def _reject(self, ex: _Exchange, budget: str) -> web.Response:
         """429 in the caller's API format, before anything is sent upstream."""
@@ -272,7 +277,7 @@ class Proxy:
             except (ConnectionError, RuntimeError):
                 client_ok = False
                 ex.outcome = OUTCOME_CLIENT_DISCONNECTED
-                if self.settings.client_disconnect == "close":
+                if ex.disconnect == "close":
                     return
                 drain_deadline = self.clock() + self.settings.drain_timeout
             async for chunk in up.content.iter_any():
@@ -283,7 +288,7 @@ class Proxy:
                     except (ConnectionError, RuntimeError):
                         client_ok = False
                         ex.outcome = OUTCOME_CLIENT_DISCONNECTED
-                        if self.settings.client_disconnect == "close":
+                        if ex.disconnect == "close":
                             meter.feed(chunk)
                             return
                         drain_deadline = self.clock() + self.settings.drain_timeout
@@ -339,8 +344,9 @@ class Proxy:
         if n:
             self.metrics.live_tokens.labels(ex.provider, ex.model, "input", ex.key,
                                             ex.team).inc(n)
-            price = ex.charge.price
-            ex.charge.add(self.ledger, n, n * price.input / 1e6 if price else None, self.wall())
+            if ex.charge.budgets:
+                rate = ex.charge.in_rate
+                ex.charge.add(self.ledger, n, None if rate is None else n * rate, self.wall())
 
     def _live_output(self, ex: _Exchange) -> None:
         """Called after every upstream read: the labelled counter is resolved once per request,
@@ -352,9 +358,8 @@ class Proxy:
                                                               ex.key, ex.team)
             ex.live_out.inc(n)
             if ex.charge.budgets:
-                price = ex.charge.price
-                ex.charge.add(self.ledger, n, n * price.output / 1e6 if price else None,
-                              self.wall())
+                rate = ex.charge.out_rate
+                ex.charge.add(self.ledger, n, None if rate is None else n * rate, self.wall())
 
     def _finish(self, ex: _Exchange) -> None:
         meter = ex.meter
@@ -367,8 +372,8 @@ class Proxy:
         m = self.metrics
         stream = "true" if meter.streamed else "false"
         m.settle(ex.provider, ex.model, ex.key, ex.team, s)
-        price = ex.charge.price
-        cost = settlement_cost(price, s) if price else None
+        priced = self._price(ex, s)
+        cost = priced.usd
         m.cost(ex.provider, ex.model, ex.key, ex.team, s.source, cost,
                s.input_tokens + s.output_tokens)
         ex.charge.settle(self.ledger, s.input_tokens + s.output_tokens, cost, self.wall())
@@ -388,7 +393,18 @@ class Proxy:
         if m.genai is not None and outcome == OUTCOME_COMPLETED:
             m.genai.observe(_operation(ex), ex.provider, ex.model, s.input_tokens,
                             s.output_tokens, duration, ttft, tpot)
-        self.record(_record(ex, s, outcome, duration, ttft, cost))
+        self.record(_record(ex, s, outcome, duration, ttft, priced))
+
+    def _price(self, ex: _Exchange, s: Settlement) -> Priced:
+        """Priced by the model that answered when the price data lists it (an Azure deployment
+        or a router names the real model only in the answer), else by the one requested."""
+        if not (s.input_tokens or s.output_tokens or s.server_tools
+                or s.reported_cost_usd is not None):
+            return UNPRICED
+        entry = ex.entry
+        if s.model and s.model != ex.meter.info.model:
+            entry = ex.book.resolve(ex.provider, s.model, strict=ex.strict_provider) or entry
+        return price_settlement(ex.book, entry, s, ex.provider, self.wall())
 
     def _learn(self, meter: Meter, model: str) -> None:
         """Feed the calibration with what this request showed (visible text only)."""
@@ -421,12 +437,16 @@ class _Exchange:
     meter: Meter
     charge: Charge
     body: bytes
+    book: PriceBook = field(repr=False)  # the price book of the policy this request started with
     status: int = 0
     outcome: str | None = None
     error: str | None = None
     abort: bool = False
     billable: bool = True
     live_out: Any = field(default=None, repr=False)  # the labelled live output counter
+    entry: Entry | None = None  # the price entry of the requested model
+    strict_provider: bool = True
+    disconnect: str = "close"  # what a client disconnect does: close | drain
 
 
 def _operation(ex: _Exchange) -> str:
@@ -442,7 +462,7 @@ def _operation(ex: _Exchange) -> str:
 
 
 def _record(ex: _Exchange, s: Settlement, outcome: str, duration: float,
-            ttft: float | None, cost: float | None) -> dict[str, Any]:
+            ttft: float | None, priced: Priced) -> dict[str, Any]:
     return {
         "request_id": ex.request_id,
         "method": ex.method,
@@ -465,7 +485,15 @@ def _record(ex: _Exchange, s: Settlement, outcome: str, duration: float,
         "reasoning_tokens": s.reasoning_tokens,
         "estimated_input_tokens": s.estimated_input_tokens,
         "estimated_output_tokens": s.estimated_output_tokens,
-        "cost_usd": None if cost is None else round(cost, 8),
+        "cache_write_input_tokens": s.cache_write_input_tokens,
+        "billed_input_tokens": s.billed_input_tokens,
+        "billed_output_tokens": s.billed_output_tokens,
+        "server_tool_calls": s.server_tools,
+        "service_tier": s.service_tier,
+        "cost_usd": None if priced.usd is None else round(priced.usd, 10),
+        "price_source": priced.source,
+        "priced_as": priced.priced_as,
+        "client_disconnect": ex.disconnect if outcome == OUTCOME_CLIENT_DISCONNECTED else None,
         "budgets": [b.name for b in ex.charge.budgets],
         "ttft_seconds": None if ttft is None else round(ttft, 6),
         "duration_seconds": round(duration, 6),

@@ -8,6 +8,7 @@ would. The summary groups files by folder (in the shared fixture layout, one fol
 from __future__ import annotations
 
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -17,9 +18,10 @@ from typing import Any, TextIO
 
 import orjson
 
-from .dialects import get_dialect
+from .dialects import get_dialect, provider_for
 from .dialects.base import RequestInfo
 from .meter import Meter
+from .pricing import PROVIDER_IDS, UNLISTED, PriceBook, price_book, price_settlement
 from .tokens import Tokenizers
 
 _EXTENSIONS = (".sse", ".ndjson", ".jsonl", ".eventstream", ".json")
@@ -73,6 +75,10 @@ class Result:
     settled_output: int
     source: str
     frame_errors: int
+    provider: str = ""
+    cost_usd: float | None = None  # None: unpriced
+    price_source: str | None = None
+    priced_as: str | None = None
 
     @property
     def output_ratio(self) -> float | None:
@@ -89,14 +95,28 @@ class Result:
         return None
 
 
+def provider_of(path: Path, dialect: str, given: str | None) -> str:
+    """The provider label: given, else the folder's name when it is one (the shared fixture
+    layout), else the format's default."""
+    if given:
+        return given
+    folder = path.parent.name
+    if folder in PROVIDER_IDS or folder in UNLISTED:
+        return folder
+    return provider_for(dialect, None)
+
+
 def replay_file(path: Path, tokenizers: Tokenizers, dialect_name: str | None = None,
-                chunk: int = 0) -> Result:
+                chunk: int = 0, *, prices: PriceBook | None = None,
+                provider: str | None = None, model: str | None = None) -> Result:
     data = path.read_bytes()
     sniffed, content_type = sniff(data, path.name)
     dialect = get_dialect(dialect_name or sniffed)
     request_path = path.with_name(path.name.rsplit(".", 1)[0] + ".request.json")
     req = request_path.read_bytes() if request_path.exists() else b""
     info = dialect.parse_request("/", "", req) if req else RequestInfo()
+    if model:
+        info.model = model
     if content_type == "application/json" and dialect.name == "gemini":
         info.json_stream = True
 
@@ -117,13 +137,23 @@ def replay_file(path: Path, tokenizers: Tokenizers, dialect_name: str | None = N
         meter = run(meter.model_name)  # the answer named the model: use its tokenizer
     s = meter.settle()
     r = meter.reported
+    label = provider_of(path, dialect.name, provider)
+    priced = None
+    if prices is not None:
+        entry = None
+        for name in (s.model, info.model):
+            entry = entry or prices.resolve(label, name)
+        priced = price_settlement(prices, entry, s, label, time.time())
     return Result(
         file=str(path), group=path.parent.name, dialect=dialect.name, model=s.model,
         reported_input=r.input, reported_output=r.output,
         hidden_reasoning=(r.reasoning or 0) if not meter.saw_reasoning else 0,
         estimated_input=s.estimated_input_tokens if info.body is not None else None,
         estimated_output=s.estimated_output_tokens, settled_input=s.input_tokens,
-        settled_output=s.output_tokens, source=s.source, frame_errors=s.frame_errors)
+        settled_output=s.output_tokens, source=s.source, frame_errors=s.frame_errors,
+        provider=label, cost_usd=priced.usd if priced else None,
+        price_source=priced.source if priced else None,
+        priced_as=priced.priced_as if priced else None)
 
 
 def collect(paths: Iterable[str]) -> list[Path]:
@@ -163,12 +193,14 @@ def summarize(results: list[Result]) -> list[dict[str, Any]]:
 
 def render(results: list[Result], summary: list[dict[str, Any]]) -> str:
     lines = [f"{'file':<58}{'dialect':<17}{'rep in':>8}{'est in':>8}{'rep out':>9}"
-             f"{'est out':>9}{'out err':>9}"]
+             f"{'est out':>9}{'out err':>9}{'cost USD':>12}"]
     for r in results:
         name = r.file if len(r.file) <= 57 else "…" + r.file[-56:]
+        usd = "-" if r.cost_usd is None else f"{r.cost_usd:.6f}"
         lines.append(
             f"{name:<58}{r.dialect:<17}{_fmt(r.reported_input):>8}{_fmt(r.estimated_input):>8}"
-            f"{_fmt(r.reported_output):>9}{r.estimated_output:>9}{_pct(r.output_ratio):>9}")
+            f"{_fmt(r.reported_output):>9}{r.estimated_output:>9}{_pct(r.output_ratio):>9}"
+            f"{usd:>12}")
     lines += ["", "out err: estimate vs reported output minus reasoning the stream never showed; "
                   "medians per folder", "",
               f"{'provider (folder)':<20}{'files':>6}{'usage':>7}{'out |err|':>11}"
@@ -191,14 +223,18 @@ def _abs(v: float | None) -> str:
 
 def main(paths: list[str], *, as_json: bool = False, dialect: str | None = None,
          chunk: int = 0, out: TextIO | None = None,
-         tokenizers_factory: Callable[[], Tokenizers] = Tokenizers) -> int:
+         tokenizers_factory: Callable[[], Tokenizers] = Tokenizers,
+         provider: str | None = None, model: str | None = None,
+         prices_file: str | None = None) -> int:
     stream = out or sys.stdout
     files = collect(paths)
     if not files:
         print("sidecar replay: no stream files found", file=sys.stderr)
         return 2
     tokenizers = tokenizers_factory()
-    results = [replay_file(f, tokenizers, dialect, chunk) for f in files]
+    book = price_book(path=prices_file)
+    results = [replay_file(f, tokenizers, dialect, chunk, prices=book, provider=provider,
+                           model=model) for f in files]
     summary = summarize(results)
     if as_json:
         stream.write(orjson.dumps({"files": [asdict(r) for r in results], "summary": summary},

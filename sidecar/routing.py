@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from yarl import URL
 
 from .config import Settings, all_routes
+from .dialects import provider_host
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +20,23 @@ class Target:
     provider: str | None
     strip_prefix: bool
     include_usage: bool
+    client_disconnect: str  # auto | close | drain
+    # The upstream is a known provider API (by its host), not a gateway or a self-hosted server.
+    provider_api: bool = False
+
+    @property
+    def provider_known(self) -> bool:
+        """The provider label is a fact (configured, or the host's), not the format's default:
+        prices are then looked up at that provider only."""
+        return self.provider is not None or self.provider_api
+
+    def disconnect_policy(self, dialect: str) -> str:
+        """What a client disconnect does here. Beside a gateway the gateway keeps reading (and
+        billing) the provider anyway, so the sidecar drains to record the bill; in front of a
+        provider, or a self-hosted Ollama, closing stops generation and saves the money."""
+        if self.client_disconnect != "auto":
+            return self.client_disconnect
+        return "close" if self.provider_api or dialect == "ollama" else "drain"
 
     def matches(self, path: str) -> bool:
         p = self.prefix
@@ -34,8 +52,13 @@ class Target:
 
 def targets(settings: Settings) -> list[Target]:
     """Longest prefix first, --upstream last as the catch-all."""
-    return [Target(r.prefix, URL(r.upstream), r.dialect, r.provider, r.strip_prefix,
-                   r.include_usage) for r in all_routes(settings)]
+    out = []
+    for r in all_routes(settings):
+        url = URL(r.upstream)
+        out.append(Target(r.prefix, url, r.dialect, r.provider, r.strip_prefix, r.include_usage,
+                          r.client_disconnect or settings.client_disconnect,
+                          provider_host(url.host) is not None))
+    return out
 
 
 def route(table: list[Target], path: str) -> Target | None:

@@ -12,7 +12,7 @@ from sidecar.config import ConfigError, Secret, load_settings
 def test_defaults_and_env(tmp_path: Path) -> None:
     s = load_settings(env={"SIDECAR_UPSTREAM": "http://gw:3000/"})
     assert s.upstream == "http://gw:3000" and s.listen == ("0.0.0.0", 8080)
-    assert s.metrics_listen == ("0.0.0.0", 9464) and s.client_disconnect == "close"
+    assert s.metrics_listen == ("0.0.0.0", 9464) and s.client_disconnect == "auto"
 
 
 def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:

@@ -70,6 +70,14 @@ def expected(entry: dict[str, Any]) -> tuple[int, int]:
         # Anthropic's input_tokens exclude cache reads and writes; message_delta restates
         # cumulative counts and wins over message_start field by field.
         merged = {**raw["message_start"], **raw["message_delta"]}
+        iterations = raw["message_delta"].get("iterations")
+        if iterations:
+            # Server-side compaction: the top level is the last iteration only; the bill (and
+            # our settlement) is the sum of all of them.
+            merged = {k: sum(it.get(k, 0) for it in iterations) for k in (
+                "input_tokens", "output_tokens", "cache_read_input_tokens",
+                "cache_creation_input_tokens")}
+            out = merged["output_tokens"]
         inp = (merged["input_tokens"] + merged.get("cache_read_input_tokens", 0)
                + merged.get("cache_creation_input_tokens", 0))
     elif api in ("gemini.streamGenerateContent", "vertex.streamGenerateContent",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from sidecar.budgets import Budget
 from sidecar.ledger import Charge, Ledger, exhausted
-from sidecar.prices import Price
 
 DAY = Budget("day", {"team": "r"}, "day", limit_tokens=1000, action="block")
 USD = Budget("usd", {}, "day", limit_usd=1.0)
@@ -14,7 +13,7 @@ RATE = Budget("rate", {}, "rolling", rolling_seconds=600, limit_tokens=100)
 def test_live_then_settled_correction() -> None:
     ledger = Ledger([DAY, USD])
     budgets = ledger.matching({"team": "r", "key": "k", "model": "m", "provider": "p"})
-    charge = Charge(budgets, Price(1.0, 2.0), blocking=(DAY,))
+    charge = Charge(budgets, 1.0e-6, 2.0e-6, blocking=(DAY,))
     now = 86400 * 10 + 5.0
     charge.add(ledger, 300, 0.0003, now)  # prompt estimate
     charge.add(ledger, 500, 0.001, now)  # streamed output so far

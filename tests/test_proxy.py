@@ -257,9 +257,11 @@ async def test_metrics_port_serves_health_and_proxy_port_does_not(stack: Stack) 
     assert stack.upstream.requests[-1]["path"] == "/healthz"
 
 
-async def test_drain_mode_reads_usage_after_client_disconnect(
-        stack_factory: StackFactory) -> None:
-    stack = await stack_factory(client_disconnect="drain", drain_timeout=5.0)
+async def test_beside_a_gateway_a_disconnect_settles_at_the_gateways_bill(
+        stack: Stack) -> None:
+    """Default settings, an upstream that is not a provider API (a gateway such as one-api,
+    which keeps reading the provider and bills the whole answer): the sidecar drains too, so
+    the record equals the bill, and says which policy applied."""
     words = [sse({"model": "gpt-4o-mini", "choices": [
         {"index": 0, "delta": {"content": "word "}}]}, done=False)] * 60
     usage = sse({"model": "gpt-4o-mini", "choices": [], "usage": USAGE})
@@ -271,9 +273,25 @@ async def test_drain_mode_reads_usage_after_client_disconnect(
         resp.close()
     await stack.wait_record()
     rec = stack.records[-1]
-    assert rec["outcome"] == "client_disconnected"
+    assert rec["outcome"] == "client_disconnected" and rec["client_disconnect"] == "drain"
     assert rec["output_source"] == "reported" and rec["output_tokens"] == 97
     assert sid in stack.upstream.finished
+
+
+def test_disconnect_policy_follows_the_placement() -> None:
+    from sidecar.config import Route, Settings
+    from sidecar.routing import targets
+
+    settings = Settings(routes=(
+        Route("/openai", "https://api.openai.com"), Route("/gw", "http://one-api:3000"),
+        Route("/local", "http://ollama:11434"),
+        Route("/pinned", "https://api.anthropic.com", client_disconnect="drain")))
+    by_prefix = {t.prefix: t for t in targets(settings)}
+    assert by_prefix["/openai"].disconnect_policy("openai") == "close"  # a provider: stop it
+    assert by_prefix["/gw"].disconnect_policy("openai") == "drain"  # a gateway bills it all
+    assert by_prefix["/local"].disconnect_policy("ollama") == "close"  # self-hosted
+    assert by_prefix["/pinned"].disconnect_policy("anthropic") == "drain"
+    assert by_prefix["/openai"].provider_known and not by_prefix["/gw"].provider_known
 
 
 async def test_huge_chunk_is_metered_off_loop_and_passed_through(stack: Stack) -> None:

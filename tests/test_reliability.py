@@ -45,7 +45,9 @@ async def post(stack: Stack, sid: str, **headers: str) -> tuple[int, bytes]:
         return r.status, await r.read()
 
 
-async def test_client_gone_before_headers_settles_and_releases_upstream(stack: Stack) -> None:
+async def test_client_gone_before_headers_settles_and_releases_upstream(
+        stack_factory: StackFactory) -> None:
+    stack = await stack_factory(client_disconnect="close")
     sid = stack.upstream.add(Script(chunks=[chunk("late ")] * 50, head_delay=0.4, delay=0.01))
     _, writer = await asyncio.open_connection("127.0.0.1", stack.running.proxy_port)
     body = b'{"model": "gpt-4o-mini", "stream": true}'

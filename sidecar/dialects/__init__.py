@@ -76,14 +76,19 @@ _BY_DIALECT = {"anthropic": "anthropic", "gemini": "gemini", "ernie": "baidu-ern
                "cohere": "cohere", "bedrock": "bedrock"}
 
 
-def provider_for(dialect: str, host: str | None) -> str:
-    """The provider label: from the upstream's host when known, else from the dialect."""
+def provider_host(host: str | None) -> str | None:
+    """The provider label of a known provider API host, else None (a gateway, or self-hosted)."""
     h = (host or "").lower()
     for suffix, name in _HOSTS:
         if h == suffix.lstrip(".") or h.endswith(suffix):
             return name
-    return _BY_DIALECT.get(dialect, "openai")
+    return None
+
+
+def provider_for(dialect: str, host: str | None) -> str:
+    """The provider label: from the upstream's host when known, else from the dialect."""
+    return provider_host(host) or _BY_DIALECT.get(dialect, "openai")
 
 
 __all__ = ["AUTO", "DIALECTS", "Dialect", "RequestInfo", "Sink", "Usage", "detect",
-           "get_dialect", "provider_for"]
+           "get_dialect", "provider_for", "provider_host"]

@@ -28,32 +28,60 @@ from .base import (
     as_list,
     request_info,
     texts_of,
+    tool_calls,
 )
 from .images import anthropic_image_tokens, data_url_size
 
-_RAW_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens",
-               "cache_creation_input_tokens")
 
-
-def normalize(raw: dict[str, int]) -> Usage:
+def normalize(raw: dict[str, Any]) -> Usage:
     inp = raw.get("input_tokens")
     read = raw.get("cache_read_input_tokens")
     write = raw.get("cache_creation_input_tokens")
     total_in = None if inp is None else inp + (read or 0) + (write or 0)
+    tier = raw.get("service_tier")
     return Usage(input=total_in, output=raw.get("output_tokens"), cached_input=read,
-                 cache_write_input=write)
+                 cache_write_input=write, cache_write_1h_input=raw.get("cache_1h"),
+                 server_tools=tool_calls(web_search=raw.get("web_search_requests"),
+                                         web_fetch=raw.get("web_fetch_requests")),
+                 service_tier=tier if tier in ("priority", "batch") else None)
 
 
-def merge_raw(raw: dict[str, int], usage: Any) -> bool:
-    if not isinstance(usage, dict):
-        return False
-    changed = False
-    for key in _RAW_FIELDS:
+def _counts(usage: dict[str, Any]) -> dict[str, int]:
+    """One usage object's counts, the 1-hour cache writes and server tool calls flattened."""
+    out: dict[str, int] = {}
+    for key in ("input_tokens", "output_tokens", "cache_read_input_tokens",
+                "cache_creation_input_tokens"):
         v = as_int(usage.get(key))
         if v is not None:
-            raw[key] = v
-            changed = True
-    return changed
+            out[key] = v
+    cc = usage.get("cache_creation")
+    if isinstance(cc, dict) and (v := as_int(cc.get("ephemeral_1h_input_tokens"))) is not None:
+        out["cache_1h"] = v
+    st = usage.get("server_tool_use")
+    if isinstance(st, dict):
+        for key in ("web_search_requests", "web_fetch_requests"):
+            if (v := as_int(st.get(key))) is not None:
+                out[key] = v
+    return out
+
+
+def merge_raw(raw: dict[str, Any], usage: Any) -> bool:
+    """Fold one usage object into the running raw counts. With ``iterations`` (server-side
+    compaction, tool loops) the top level is only the last iteration: the bill is their sum."""
+    if not isinstance(usage, dict):
+        return False
+    counts = _counts(usage)
+    iterations = [it for it in as_list(usage.get("iterations")) if isinstance(it, dict)]
+    if iterations:
+        summed: dict[str, int] = {}
+        for it in iterations:
+            for key, v in _counts(it).items():
+                summed[key] = summed.get(key, 0) + v
+        counts.update(summed)
+    if isinstance(usage.get("service_tier"), str):
+        raw["service_tier"] = usage["service_tier"]
+    raw.update(counts)
+    return bool(counts)
 
 
 _DELTA_FIELDS = {"text_delta": ("text", CONTENT), "thinking_delta": ("thinking", REASONING),
@@ -66,7 +94,7 @@ class AnthropicStreamParser(JSONFrameParser):
 
     def __init__(self, sink: Sink) -> None:
         super().__init__(sink)
-        self._raw: dict[str, int] = {}
+        self._raw: dict[str, Any] = {}
 
     def on_object(self, obj: dict[str, Any], frame: Frame) -> None:
         kind = obj.get("type") or frame.event
@@ -165,6 +193,6 @@ class AnthropicDialect:
                 sink.text((i,), TOOL, orjson.dumps(block.get("input")).decode())
         if isinstance(obj.get("stop_reason"), str):
             sink.finish_reason(obj["stop_reason"])
-        raw: dict[str, int] = {}
+        raw: dict[str, Any] = {}
         if merge_raw(raw, obj.get("usage")):
             sink.usage(normalize(raw))

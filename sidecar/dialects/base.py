@@ -13,10 +13,14 @@ from ..tokens import Tokenizer
 
 @dataclass(slots=True)
 class Usage:
-    """Provider-reported token counts. None means the provider did not say.
+    """Provider-reported usage. None means the provider did not say.
 
     ``input`` is all input tokens including cached ones; ``output`` includes reasoning;
-    ``cached_input``, ``cache_write_input`` and ``reasoning`` are subsets.
+    ``cached_input``, ``cache_write_input`` (and its ``cache_write_1h_input`` part), ``reasoning``,
+    ``input_audio``, ``cached_audio_input`` and ``output_audio`` are subsets. ``billed_*`` are set
+    where a provider bills fewer units than it processed (Cohere's ``billed_units``);
+    ``server_tools`` counts server-side tool calls billed per call; ``cost_usd`` is a cost the
+    provider stated itself (OpenRouter ``usage.cost``, xAI ``cost_in_usd_ticks``).
     """
 
     input: int | None = None
@@ -25,6 +29,15 @@ class Usage:
     cache_write_input: int | None = None
     reasoning: int | None = None
     total: int | None = None
+    cache_write_1h_input: int | None = None
+    input_audio: int | None = None
+    cached_audio_input: int | None = None
+    output_audio: int | None = None
+    billed_input: int | None = None
+    billed_output: int | None = None
+    server_tools: dict[str, int] | None = None
+    service_tier: str | None = None
+    cost_usd: float | None = None
 
     def merge(self, newer: Usage) -> None:
         """Later frames carry cumulative counts: each field the newer frame states replaces ours."""
@@ -34,7 +47,19 @@ class Usage:
                 setattr(self, f.name, value)
 
     def empty(self) -> bool:
-        return all(getattr(self, f.name) is None for f in fields(self))
+        """No token count was reported (a service tier alone is not usage)."""
+        return all(getattr(self, name) is None for name in COUNT_FIELDS)
+
+
+COUNT_FIELDS = ("input", "output", "cached_input", "cache_write_input", "reasoning", "total",
+                "cache_write_1h_input", "input_audio", "cached_audio_input", "output_audio",
+                "billed_input", "billed_output", "server_tools", "cost_usd")
+
+
+def tool_calls(**counts: int | None) -> dict[str, int] | None:
+    """Server-side tool calls worth recording (a zero count is not a call)."""
+    out = {k: v for k, v in counts.items() if v}
+    return out or None
 
 
 # Kinds of generated text; all count as output, "reasoning" is also counted on its own.

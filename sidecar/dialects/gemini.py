@@ -30,9 +30,21 @@ from .base import (
     request_info,
     sum_ints,
     texts_of,
+    tool_calls,
 )
 
 _MODEL_IN_PATH = re.compile(r"/models/([^/:]+):")
+
+
+# Vertex AI's trafficType -> the service tier prices are looked up by.
+_TRAFFIC_TIERS = {"ON_DEMAND_FLEX": "flex", "ON_DEMAND_PRIORITY": "priority"}
+
+
+def _modality(details: Any, modality: str) -> int | None:
+    for d in as_list(details):
+        if isinstance(d, dict) and str(d.get("modality", "")).upper() == modality:
+            return as_int(d.get("tokenCount"))
+    return None
 
 
 def usage_from(meta: Any) -> Usage | None:
@@ -44,7 +56,11 @@ def usage_from(meta: Any) -> Usage | None:
     thoughts = as_int(meta.get("thoughtsTokenCount"))
     u = Usage(input=sum_ints(prompt, tool_prompt), output=sum_ints(cand, thoughts),
               cached_input=as_int(meta.get("cachedContentTokenCount")), reasoning=thoughts,
-              total=as_int(meta.get("totalTokenCount")))
+              total=as_int(meta.get("totalTokenCount")),
+              input_audio=_modality(meta.get("promptTokensDetails"), "AUDIO"),
+              cached_audio_input=_modality(meta.get("cacheTokensDetails"), "AUDIO"),
+              output_audio=_modality(meta.get("candidatesTokensDetails"), "AUDIO"),
+              service_tier=_TRAFFIC_TIERS.get(str(meta.get("trafficType"))))
     return None if u.empty() else u
 
 
@@ -93,6 +109,10 @@ def read_chunk(obj: dict[str, Any], sink: Sink) -> None:
         reason = cand.get("finishReason")
         if isinstance(reason, str):
             sink.finish_reason(reason)
+        grounding = cand.get("groundingMetadata")
+        if isinstance(grounding, dict):
+            queries = len(as_list(grounding.get("webSearchQueries")))
+            sink.usage(Usage(server_tools=tool_calls(web_search=queries)))
     usage = usage_from(obj.get("usageMetadata"))
     if usage is not None:
         sink.usage(usage)

@@ -307,16 +307,20 @@ class ZhipuV3Dialect(_SimpleDialect):
 
 
 def cohere_usage(u: Any) -> Usage | None:
-    """``tokens`` are what the model processed (``billed_units`` may be fewer: not used)."""
+    """``tokens`` are what the model processed; ``billed_units`` (often fewer: cached and
+    system-prompt tokens are not billed) are what the price applies to."""
     if not isinstance(u, dict):
         return None
     tokens = u.get("tokens")
+    billed = u.get("billed_units")
+    billed = billed if isinstance(billed, dict) else {}
     if not isinstance(tokens, dict):
-        billed = u.get("billed_units")
-        tokens = billed if isinstance(billed, dict) else {}
+        tokens = billed
     usage = Usage(input=as_int(tokens.get("input_tokens")),
                   output=as_int(tokens.get("output_tokens")),
-                  cached_input=as_int(u.get("cached_tokens")))
+                  cached_input=as_int(u.get("cached_tokens")),
+                  billed_input=as_int(billed.get("input_tokens")),
+                  billed_output=as_int(billed.get("output_tokens")))
     return None if usage.empty() else usage
 
 

@@ -24,6 +24,7 @@ from .base import (
     as_index,
     as_int,
     request_info,
+    tool_calls,
 )
 from .functions import estimate_legacy_chat, uses_legacy_functions
 from .images import data_url_size, openai_image_tokens
@@ -36,7 +37,10 @@ def usage_from(obj: Any) -> Usage | None:
 
     - DeepSeek reports cache hits as ``prompt_cache_hit_tokens``.
     - xAI reports reasoning outside ``completion_tokens`` (total = prompt + completion +
-      reasoning); output includes reasoning in our semantics, so it is added back.
+      reasoning); output includes reasoning in our semantics, so it is added back. Perplexity
+      does the same with top-level ``reasoning_tokens`` and ``citation_tokens``.
+    - OpenRouter states the request's cost in ``cost`` (USD), xAI in ``cost_in_usd_ticks``
+      (1e-10 USD); Perplexity counts searches in ``num_search_queries``.
     """
     if not isinstance(obj, dict):
         return None
@@ -47,14 +51,28 @@ def usage_from(obj: Any) -> Usage | None:
     pd = obj.get("prompt_tokens_details")
     if isinstance(pd, dict):
         u.cached_input = as_int(pd.get("cached_tokens"))
+        u.input_audio = as_int(pd.get("audio_tokens"))
     if u.cached_input is None:
         u.cached_input = as_int(obj.get("prompt_cache_hit_tokens"))
     cd = obj.get("completion_tokens_details")
     if isinstance(cd, dict):
         u.reasoning = as_int(cd.get("reasoning_tokens"))
+        u.output_audio = as_int(cd.get("audio_tokens"))
     r = u.reasoning
     if r and inp is not None and out is not None and total is not None and total == inp + out + r:
         u.output = out + r
+    elif u.reasoning is None and inp is not None and out is not None:
+        extra = [as_int(obj.get(k)) or 0 for k in ("reasoning_tokens", "citation_tokens")]
+        if any(extra) and (total is None or total == inp + out + sum(extra)):
+            u.output = out + sum(extra)
+            u.reasoning = extra[0] or None
+    cost = obj.get("cost")
+    if isinstance(cost, int | float) and not isinstance(cost, bool) and cost >= 0:
+        u.cost_usd = float(cost)
+    ticks = as_int(obj.get("cost_in_usd_ticks"))
+    if ticks is not None:
+        u.cost_usd = ticks / 1e10
+    u.server_tools = tool_calls(web_search=as_int(obj.get("num_search_queries")))
     return None if u.empty() else u
 
 
@@ -122,6 +140,9 @@ def read_completion(obj: dict[str, Any], sink: Sink, *, streamed: bool,
     model = obj.get("model")
     if isinstance(model, str) and model and model != last_model:
         sink.model(model)
+        tier = obj.get("service_tier")
+        if isinstance(tier, str) and tier:
+            sink.usage(Usage(service_tier=tier))
     err = obj.get("error")
     if err:
         msg = err.get("message") if isinstance(err, dict) else err

@@ -19,6 +19,7 @@ from .base import (
     as_list,
     request_info,
     texts_of,
+    tool_calls,
 )
 
 # Event type -> kind of the text in its "delta".
@@ -63,8 +64,14 @@ def read_response(resp: dict[str, Any], sink: Sink) -> None:
         details = resp.get("incomplete_details")
         reason = details.get("reason") if isinstance(details, dict) else None
         sink.finish_reason(str(reason or status))
-    usage = usage_from(resp.get("usage"))
-    if usage is not None:
+    usage = usage_from(resp.get("usage")) or Usage()
+    tier = resp.get("service_tier")
+    if isinstance(tier, str) and tier:
+        usage.service_tier = tier
+    calls = [item.get("type") for item in as_list(resp.get("output")) if isinstance(item, dict)]
+    usage.server_tools = tool_calls(web_search=calls.count("web_search_call"),
+                                    file_search=calls.count("file_search_call"))
+    if not usage.empty() or usage.service_tier:
         sink.usage(usage)
 
 
