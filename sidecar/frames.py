@@ -148,6 +148,24 @@ class SSEDecoder:
             pos = end + 2
         return chunk[pos:] if pos else chunk
 
+    def idle(self) -> bool:
+        """Between events with nothing buffered: a fast lane may take whole events from here
+        (what it leaves goes to feed(), which starts from this same state)."""
+        return (self._seen_start and not self._buf and not self._skip_lf and not self._dropping
+                and not self._data and self._event is None and not self._fields)
+
+    def pending_end(self, chunk: bytes) -> int:
+        """Where in ``chunk`` the event being assembled ends (just after its blank line), when
+        that is plain to see; 0 otherwise. Feeding ``chunk[:n]`` then leaves the decoder idle."""
+        if self._skip_lf or self._dropping:
+            return 0
+        if not self._buf and chunk[:1] == b"\n":
+            return 1
+        i = chunk.find(b"\n\n")
+        if i < 0 or b"\r" in chunk[:i] or b"\r" in self._buf:
+            return 0
+        return i + 2
+
     def at_boundary(self) -> bool:
         """Between events: nothing of a next event has arrived yet."""
         return not self._buf and not self._skip_lf and not (

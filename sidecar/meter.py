@@ -15,7 +15,8 @@ from typing import Any
 import orjson
 
 from .dialects.base import REASONING, Dialect, RequestInfo, Usage
-from .frames import Decoder, FrameError, decoder_for
+from .dialects.fastlane import raw_event
+from .frames import Decoder, FrameError, SSEDecoder, decoder_for
 from .tokens import TextCounter, Tokenizer
 
 # A non-streamed body larger than this is forwarded but not parsed: holding it would cost more
@@ -89,12 +90,14 @@ class Meter:
         clock: Callable[[], float],
         *,
         max_frame_size: int | None = None,
+        fast_lane: bool = True,
     ) -> None:
         self.dialect = dialect
         self.info = info
         self.tokenizer = tokenizer
         self._clock = clock
         self._max_frame_size = max_frame_size
+        self._use_lane = fast_lane
         self.model_name: str | None = info.model
         self.reported = Usage()
         self.prompt_estimate = 0
@@ -114,6 +117,12 @@ class Meter:
         self._ended = False
         self._decoder: Decoder | None = None
         self._parser: Any = None
+        self._lane: Any = None  # the dialect's fast lane for this response, if it has one
+        # While the general path reads an event the fast lane could learn from: what it found.
+        self._probe: list[Any] | None = None
+        # Bytes the meter read, and how many of them the fast lane took (for its hit rate).
+        self.bytes_metered = 0
+        self.bytes_fast = 0
         self._inflater: _Inflater | None = None
         self._body: list[bytes] | None = None
         # Text seen during one feed(), per slot: each counter is fed once per upstream read.
@@ -148,6 +157,9 @@ class Meter:
         if self._decoder is not None:
             self.streamed = True
             self._parser = self.dialect.stream_parser(self)
+            lane = getattr(self.dialect, "fast_lane", None) if self._use_lane else None
+            if lane is not None and isinstance(self._decoder, SSEDecoder):
+                self._lane = lane(self._parser)
         else:
             self._body = []
 
@@ -159,7 +171,11 @@ class Meter:
             if self._inflater is not None:
                 chunk = self._inflater.feed(chunk)
             if self._decoder is not None:
-                self._frames(self._decoder.feed(chunk))
+                self.bytes_metered += len(chunk)
+                if self._lane is not None:
+                    chunk = self._lane_feed(chunk)
+                if chunk:
+                    self._frames(self._decoder.feed(chunk))
                 self._count_pending()
             elif self._body is not None:
                 self._body_size += len(chunk)
@@ -173,6 +189,36 @@ class Meter:
             self.malformed("compressed body could not be decoded")
         except Exception as exc:  # accounting must never break the stream
             self.malformed(f"meter error: {type(exc).__name__}")
+
+    def _lane_feed(self, chunk: bytes) -> bytes:
+        """Alternate between the fast lane (runs of events it knows) and the general path (the
+        events between them); returns what is left for the general path."""
+        dec = self._decoder
+        lane = self._lane
+        assert isinstance(dec, SSEDecoder)
+        while chunk:
+            if dec.idle():
+                end, template, texts = lane.scan(chunk)
+                if end:
+                    assert template is not None
+                    joined = "".join(texts)
+                    if joined:
+                        self.text(template.slot, template.kind, joined)
+                    self.bytes_fast += end
+                    chunk = chunk[end:]
+                    continue
+                k = chunk.find(b"\n\n") + 2  # the next event is not the lane's
+            else:
+                k = dec.pending_end(chunk)  # finish the event being assembled
+            if k < 2:
+                return chunk
+            self._frames(dec.feed(chunk[:k]))
+            chunk = chunk[k:]
+            # Go on event by event only while that can pay: the lane knows what comes next, or
+            # is still learning (a few dozen events per response at most).
+            if not dec.idle() or not (lane.learning or lane.knows(chunk)):
+                return chunk
+        return chunk
 
     def end_of_body(self) -> None:
         """The upstream finished (or the stream was cut): flush decoders and text counters."""
@@ -222,15 +268,29 @@ class Meter:
 
     def _frames(self, items: list[Any]) -> None:
         parser = self._parser
+        lane = self._lane
         for item in items:
             if isinstance(item, FrameError):
                 self.malformed(item.reason)
+            elif lane is not None and lane.learning and item.data is not None and \
+                    item.id is None and item.retry is None and not item.fields:
+                # Watch what the general path makes of the event: one text and nothing else
+                # teaches the fast lane its shape.
+                self._probe = []
+                parser.on_frame(item)
+                probe, self._probe = self._probe, None
+                lane.watched()
+                if len(probe) == 1 and probe[0] is not None:
+                    slot, kind, text = probe[0]
+                    lane.learn(raw_event(item.data, item.event), slot, kind, text)
             else:
                 parser.on_frame(item)
 
     # -- Sink (called by the dialect) ---------------------------------------------------------
 
     def text(self, slot: tuple[Any, ...], kind: str, text: str) -> None:
+        if self._probe is not None:
+            self._probe.append((slot, kind, text))
         parts = self._pending.get(slot)
         if parts is None:
             self._pending[slot] = [text]
@@ -252,18 +312,28 @@ class Meter:
             self._pending.clear()
 
     def usage(self, usage: Usage) -> None:
+        if self._probe is not None:
+            self._probe.append(None)
         self.reported.merge(usage)
 
     def model(self, name: str) -> None:
+        if self._probe is not None:
+            self._probe.append(None)
         self.model_name = name
 
     def finish_reason(self, reason: str) -> None:
+        if self._probe is not None:
+            self._probe.append(None)
         self.finish = reason
 
     def error(self, message: str) -> None:
+        if self._probe is not None:
+            self._probe.append(None)
         self.error_message = message[:500]
 
     def malformed(self, reason: str) -> None:
+        if self._probe is not None:
+            self._probe.append(None)
         self.frame_errors += 1
 
     # -- settlement ---------------------------------------------------------------------------

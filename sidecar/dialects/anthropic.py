@@ -15,6 +15,7 @@ import orjson
 
 from ..frames import Frame
 from ..tokens import Tokenizer
+from . import fastlane as fl
 from .base import (
     CONTENT,
     REASONING,
@@ -171,6 +172,10 @@ class AnthropicDialect:
 
     def stream_parser(self, sink: Sink) -> AnthropicStreamParser:
         return AnthropicStreamParser(sink)
+
+    def fast_lane(self, parser: Any) -> fl.TemplateLane:
+        """content_block_delta events: text, thinking and tool-input JSON."""
+        return fl.TemplateLane(("text", "thinking", "partial_json", "name"), fl.PADDING)
 
     def parse_body(self, obj: Any, sink: Sink) -> None:
         if not isinstance(obj, dict):

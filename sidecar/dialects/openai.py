@@ -13,6 +13,7 @@ import orjson
 
 from ..frames import Frame
 from ..tokens import Tokenizer
+from . import fastlane as fl
 from .base import (
     CONTENT,
     REASONING,
@@ -304,6 +305,25 @@ class OpenAIDialect:
     def stream_parser(self, sink: Sink) -> OpenAIStreamParser:
         return OpenAIStreamParser(sink)
 
+    def fast_lane(self, parser: Any) -> fl.TemplateLane | None:
+        return fast_lane(parser) if isinstance(parser, OpenAIStreamParser) else None
+
     def parse_body(self, obj: Any, sink: Sink) -> None:
         if isinstance(obj, dict):
             read_completion(obj, sink, streamed=False)
+
+
+# -- fast lane ------------------------------------------------------------------------------------
+
+# Every key the reader takes text from (see fastlane.py: a template is learned only around the one
+# string of these keys in an event), and the padding OpenAI adds to each chunk.
+_TEXT_KEYS = ("content", "reasoning_content", "reasoning", "thinking", "refusal", "text",
+              "arguments", "name")
+_VOLATILE = fl.volatile("obfuscation")
+
+
+def fast_lane(parser: OpenAIStreamParser) -> fl.TemplateLane:
+    """Chunks that carry one text (content, reasoning, refusal, tool arguments) and nothing else;
+    their templates hold for as long as the stream's model stays the one they were learned
+    under (a new model is news the general path must read)."""
+    return fl.TemplateLane(_TEXT_KEYS, _VOLATILE, lambda: parser._model)

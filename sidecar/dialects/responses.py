@@ -6,6 +6,7 @@ from typing import Any
 
 from ..frames import Frame
 from ..tokens import Tokenizer
+from . import fastlane as fl
 from .base import (
     CONTENT,
     REASONING,
@@ -34,6 +35,7 @@ _DELTAS = {
     "response.reasoning_text.delta": REASONING,
     "response.audio.transcript.delta": CONTENT,
 }
+_VOLATILE = fl.volatile("sequence_number", "obfuscation")
 _FINAL = ("response.completed", "response.incomplete", "response.failed", "response.done")
 
 
@@ -123,6 +125,10 @@ class ResponsesDialect:
 
     def stream_parser(self, sink: Sink) -> ResponsesStreamParser:
         return ResponsesStreamParser(sink)
+
+    def fast_lane(self, parser: Any) -> fl.TemplateLane:
+        """Text, reasoning and argument deltas (every text the reader takes is a "delta")."""
+        return fl.TemplateLane(("delta",), _VOLATILE)
 
     def parse_body(self, obj: Any, sink: Sink) -> None:
         if not isinstance(obj, dict):
