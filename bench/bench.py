@@ -521,10 +521,11 @@ async def scenario_soak(targets: list[Target], seconds: float) -> Table:
 async def scenario_nonstream(targets: list[Target]) -> Table:
     rows = []
     body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
-    base = None
+    rates: dict[str, float] = {}
     for t in targets:
         done = 0
-        stop = time.monotonic() + 5
+        seconds = 5.0
+        stop = time.monotonic() + seconds
 
         async def worker(s: aiohttp.ClientSession, url: str = t.url, stop: float = stop) -> None:
             nonlocal done
@@ -534,13 +535,18 @@ async def scenario_nonstream(targets: list[Target]) -> Table:
                     await r.read()
                 done += 1
 
+        cpu0 = t.cpu_seconds()
         async with client() as s:
             await asyncio.gather(*(worker(s) for _ in range(20)))
-        rate = done / 5
-        base = base or rate
-        rows.append([t.name, f"{rate:,.0f}", f"{rate / base:.2f}x"])
-    return ("6. Non-streaming requests/s (20 concurrent)", ["target", "requests/s", "vs direct"],
-            rows)
+        rate = done / seconds
+        rates[t.name] = rate
+        cpu = (t.cpu_seconds() - cpu0) / done * 1e6 if done else 0.0
+        bare = rates.get("bare aiohttp")
+        rows.append([t.name, f"{rate:,.0f}", "-" if t.proc is None else f"{cpu:.0f}",
+                     f"{rate / bare:.2f}x" if bare and t.name not in (
+                         "direct", "bare aiohttp") else "-"])
+    return ("6. Non-streaming requests/s (20 concurrent)",
+            ["target", "requests/s", "proxy CPU us / request", "vs bare"], rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,10 +47,11 @@ CALIBRATION_EVERY = 5
 WATCH_SECONDS = 2.0
 
 
-def record_writer(target: str) -> tuple[RecordSink, Callable[[], None]]:
-    """A sink writing one JSON line per request to stderr ('-'), a file, or nowhere ('off')."""
+def record_writer(target: str) -> tuple[RecordSink | None, Callable[[], None]]:
+    """A sink writing one JSON line per request to stderr ('-') or a file; None for 'off' (no
+    record is even built)."""
     if target == "off":
-        return (lambda rec: None), (lambda: None)
+        return None, (lambda: None)
     stream: TextIO
     if target == "-":
         stream, close = sys.stderr, (lambda: None)
@@ -156,15 +157,16 @@ def make_app(
     ledger = Ledger(settings.budgets)
     registry.register(BudgetCollector(ledger, wall))
     close_records: Callable[[], None] = lambda: None  # noqa: E731
-    if record_sink is None:
-        record_sink, close_records = record_writer(settings.records)
+    sink: RecordSink | None = record_sink
+    if sink is None:
+        sink, close_records = record_writer(settings.records)
     proxy_app = web.Application(client_max_size=settings.max_request_body,
                                 middlewares=[ConcurrencyLimit(settings.max_concurrent_requests)])
     ready = asyncio.Event()
     calibration = Calibration()
     handler = Proxy(settings, session_getter=lambda: proxy_app[SESSION_KEY], metrics=metrics,
                     tokenizers=tokenizers, policy=policy_for(settings), ledger=ledger,
-                    record_sink=record_sink, calibration=calibration, clock=clock, wall=wall)
+                    record_sink=sink, calibration=calibration, clock=clock, wall=wall)
     apps = Apps(proxy_app, web.Application(), registry, handler, ledger, settings)
     metrics.price_data(handler.policy.prices)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -41,7 +41,6 @@ class Settlement:
     reasoning_source: str | None
     estimated_input_tokens: int
     estimated_output_tokens: int
-    reported: dict[str, int | None] | None
     model: str | None
     finish_reason: str | None
     error: str | None
@@ -382,7 +381,6 @@ class Meter:
             reasoning_source=reasoning_source,
             estimated_input_tokens=self.prompt_estimate,
             estimated_output_tokens=est_out,
-            reported=None if r.empty() else asdict(r),
             model=self.model_name,
             finish_reason=self.finish,
             error=self.error_message,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
@@ -18,6 +19,24 @@ OTHER = "other"
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 21, 34, 60, 120, 300, 600)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1)
 _RATIO_BUCKETS = (0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 1.0, 1.01, 1.02, 1.05, 1.1, 1.25, 1.5, 2)
+
+
+class Children:
+    """A metric's labelled children, memoized: ``labels()`` takes a lock and validates its
+    arguments on every call, a dict lookup does not (label values are capped upstream, so the
+    memo is as bounded as the metric itself)."""
+
+    __slots__ = ("_cache", "_labels")
+
+    def __init__(self, metric: Any) -> None:
+        self._labels = metric.labels
+        self._cache: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._cache.get(values)
+        if child is None:
+            child = self._cache[values] = self._labels(*values)
+        return child
 
 
 class LabelCap:
@@ -181,14 +200,26 @@ class Metrics:
         self.price_info = Info(
             "llm_price_data", "The price data costs are computed from", registry=registry)
         self.genai = GenAIMetrics(registry) if otel_genai else None
+        self.c_tokens = Children(self.tokens)
+        self.c_live = Children(self.live_tokens)
+        self.c_requests = Children(self.requests)
+        self.c_in_flight = Children(self.in_flight)
+        self.c_ttft = Children(self.ttft)
+        self.c_duration = Children(self.duration)
+        self.c_tpot = Children(self.tpot)
+        self.c_ratio = Children(self.estimate_ratio)
+        self.c_cost = Children(self.cost_usd)
+        self.c_unpriced = Children(self.unpriced)
+        self.c_tools = Children(self.server_tool_calls)
+        self.c_frame_errors = Children(self.frame_errors)
 
     def cost(self, provider: str, model: str, key: str, team: str, source: str,
              usd: float | None, tokens: int) -> None:
         if usd is None:
             if tokens:
-                self.unpriced.labels(provider, model).inc(tokens)
+                self.c_unpriced(provider, model).inc(tokens)
         elif usd > 0:
-            self.cost_usd.labels(provider, model, key, team, source).inc(usd)
+            self.c_cost(provider, model, key, team, source).inc(usd)
 
     def price_data(self, book: PriceBook) -> None:
         d = book.data
@@ -201,35 +232,39 @@ class Metrics:
 
     def settle(self, provider: str, model: str, key: str, team: str, s: Settlement) -> None:
         """Add one request's settled counts (labels already capped)."""
-        t = self.tokens
-        t.labels(provider, model, "input", s.input_source, key, team).inc(s.input_tokens)
-        t.labels(provider, model, "output", s.output_source, key, team).inc(s.output_tokens)
+        t = self.c_tokens
+        t(provider, model, "input", s.input_source, key, team).inc(s.input_tokens)
+        t(provider, model, "output", s.output_source, key, team).inc(s.output_tokens)
         if s.cached_input_tokens is not None:
-            t.labels(provider, model, "cached_input", s.input_source, key, team).inc(
+            t(provider, model, "cached_input", s.input_source, key, team).inc(
                 s.cached_input_tokens)
         if s.cache_write_input_tokens is not None:
-            t.labels(provider, model, "cache_write_input", s.input_source, key, team).inc(
+            t(provider, model, "cache_write_input", s.input_source, key, team).inc(
                 s.cache_write_input_tokens)
         if s.reasoning_tokens is not None and s.reasoning_source is not None:
-            t.labels(provider, model, "reasoning", s.reasoning_source, key, team).inc(
+            t(provider, model, "reasoning", s.reasoning_source, key, team).inc(
                 s.reasoning_tokens)
-        for token_type, n, source in (
-                ("cache_write_1h_input", s.cache_write_1h_input_tokens, s.input_source),
-                ("input_audio", s.input_audio_tokens, s.input_source),
-                ("output_audio", s.output_audio_tokens, s.output_source)):
-            if n is not None:
-                t.labels(provider, model, token_type, source, key, team).inc(n)
-        for tool, calls in (s.server_tools or {}).items():
-            self.server_tool_calls.labels(provider, model, tool).inc(calls)
+        if s.cache_write_1h_input_tokens is not None:
+            t(provider, model, "cache_write_1h_input", s.input_source, key, team).inc(
+                s.cache_write_1h_input_tokens)
+        if s.input_audio_tokens is not None:
+            t(provider, model, "input_audio", s.input_source, key, team).inc(
+                s.input_audio_tokens)
+        if s.output_audio_tokens is not None:
+            t(provider, model, "output_audio", s.output_source, key, team).inc(
+                s.output_audio_tokens)
+        if s.server_tools:
+            for tool, calls in s.server_tools.items():
+                self.c_tools(provider, model, tool).inc(calls)
         if s.output_source != SOURCE_ESTIMATED and s.output_tokens > 0 and (
             s.estimated_output_tokens > 0
         ):
-            self.estimate_ratio.labels(provider, model, "output").observe(
+            self.c_ratio(provider, model, "output").observe(
                 s.estimated_output_tokens / s.output_tokens)
         if s.input_source != SOURCE_ESTIMATED and s.input_tokens > 0 and (
             s.estimated_input_tokens > 0
         ):
-            self.estimate_ratio.labels(provider, model, "input").observe(
+            self.c_ratio(provider, model, "input").observe(
                 s.estimated_input_tokens / s.input_tokens)
         if s.frame_errors:
-            self.frame_errors.labels(provider).inc(s.frame_errors)
+            self.c_frame_errors(provider).inc(s.frame_errors)

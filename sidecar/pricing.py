@@ -165,18 +165,19 @@ class Units:
             unit = Unit(usage_key, str(spec["price_key"]), int(spec["per"]),
                         frozenset((str(k), str(v)) for k, v in spec["dimensions"].items()))
             self.by_price_key[unit.price_key] = unit
-        self._plans: dict[frozenset[str], tuple[tuple[Unit, tuple[str, ...]], ...]] = {}
+        self._plans: dict[frozenset[str], tuple[tuple[Unit, tuple[str, ...], str], ...]] = {}
 
-    def plan(self, price_keys: Iterable[str]) -> tuple[tuple[Unit, tuple[str, ...]], ...]:
+    def plan(self, price_keys: Iterable[str]) -> tuple[tuple[Unit, tuple[str, ...], str], ...]:
         """Priced units, most specific first, each with the usage keys of its priced
-        descendants (whose leaves are subtracted from it)."""
+        descendants (whose leaves are subtracted from it) and its direction."""
         keys = frozenset(k for k in price_keys if k in self.by_price_key)
         plan = self._plans.get(keys)
         if plan is None:
             units = sorted((self.by_price_key[k] for k in keys),
                            key=lambda u: (-len(u.dims), u.usage_key))
             plan = tuple(
-                (u, tuple(d.usage_key for d in units if d is not u and u.dims <= d.dims))
+                (u, tuple(d.usage_key for d in units if d is not u and u.dims <= d.dims),
+                 dict(u.dims).get("direction", ""))
                 for u in units)
             self._plans[keys] = plan
         return plan
@@ -191,19 +192,20 @@ def cost(entry: Entry, usage: Mapping[str, float], at: float, units: Units,
     total_input = usage.get("input_tokens", 0)
     leaves: dict[str, float] = {}
     usd_in = usd_out = usd_other = 0.0
-    for unit, descendants in units.plan(rates):
+    for unit, descendants, direction in units.plan(rates):
         if unit.usage_key == "requests":
             count: float = 1
         else:
-            count = usage.get(unit.usage_key, 0) - sum(leaves[d] for d in descendants)
-            count = max(count, 0)  # a provider's subsets exceeding their total: never negative
+            count = usage.get(unit.usage_key, 0)
+            if descendants and count:
+                # a provider's subsets exceeding their total: never negative
+                count = max(count - sum(leaves[d] for d in descendants), 0)
             leaves[unit.usage_key] = count
         if not count:
             continue
         rate = rates[unit.price_key]
         price = rate.at(total_input) if isinstance(rate, Tiered) else rate
         amount = price * count / unit.per
-        direction = dict(unit.dims).get("direction")
         if direction == "input":
             usd_in += amount
         elif direction == "output":

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 from .attribution import Attributor, bearer_key, redact
 from .calibration import Calibration
 from .config import Settings
-from .dialects import AUTO, detect, get_dialect, provider_for
+from .dialects import AUTO, detect, get_dialect
 from .errors import error_body as api_error_body
 from .errors import stream_error_event
 from .ledger import Charge, Ledger, exhausted
@@ -90,7 +90,7 @@ class Proxy:
         tokenizers: Tokenizers,
         policy: Policy,
         ledger: Ledger,
-        record_sink: RecordSink,
+        record_sink: RecordSink | None,
         calibration: Calibration | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -138,21 +138,24 @@ class Proxy:
                 body=error_body(f"request body exceeds the sidecar limit of "
                                 f"{self.settings.max_request_body} bytes (max_request_body)",
                                 "request_too_large"))
-        ex = self._exchange(request, target, body, t0)
-        blocked = exhausted(self.ledger, ex.charge.blocking, self.wall())
-        if blocked is not None:
-            return self._reject(ex, blocked.name)
-        return await self._forward(request, target, ex)
+        if target.include_usage or any(b.action == "block" for b in self.ledger.budgets):
+            # The request may be refused or rewritten: know it before anything is sent.
+            ex = self._exchange(request, target, body, t0)
+            blocked = exhausted(self.ledger, ex.charge.blocking, self.wall())
+            if blocked is not None:
+                return self._reject(ex, blocked.name)
+            return await self._forward(request, target, body, ex)
+        return await self._forward(request, target, body, None, t0)
 
     def _exchange(self, request: web.Request, target: Target, body: bytes,
                   t0: float) -> _Exchange:
         """Everything known before forwarding: dialect, attribution, meter, budgets."""
         m = self.metrics
-        dialect_name = (detect(request.path, dict(request.headers))
-                        if target.dialect == AUTO else target.dialect)
+        headers = request.headers
+        dialect_name = detect(request.path, headers) if target.dialect == AUTO else target.dialect
         dialect = get_dialect(dialect_name)
-        provider = target.provider or provider_for(dialect_name, target.url.host)
-        ident = self.policy.attributor.identify(request.headers, request.query_string)
+        provider = target.provider_label(dialect_name)
+        ident = self.policy.attributor.identify(headers, request.query_string)
         info = dialect.parse_request(request.path, request.query_string, body)
         tokenizer = self.tokenizers.for_model(info.model)
         meter = Meter(dialect, info, tokenizer, self.clock,
@@ -170,7 +173,7 @@ class Proxy:
                         blocking=tuple(b for b in budgets if b.action == "block"))
         return _Exchange(
             secret=bearer_key(request.headers, request.query_string),
-            request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex,
+            request_id=headers.get("X-Request-Id") or os.urandom(16).hex(),
             method=request.method, path=request.path, stream_requested=info.stream, t0=t0,
             key=m.cap_key(ident.key), team=m.cap_team(ident.team), provider=provider,
             model=model, dialect=dialect_name, meter=meter, charge=charge, body=body,
@@ -186,33 +189,45 @@ class Proxy:
         return web.Response(status=429, body=body, content_type="application/json",
                             headers=headers)
 
-    async def _forward(self, request: web.Request, target: Target,
-                       ex: _Exchange) -> web.StreamResponse:
-        m, meter, body = self.metrics, ex.meter, ex.body
+    async def _forward(self, request: web.Request, target: Target, body: bytes,
+                       ex: _Exchange | None, t0: float = 0.0) -> web.StreamResponse:
+        """Send the request upstream, then (when not known yet) work out its accounting while
+        the upstream answers: nothing the meter does sits between the client and the upstream
+        unless the request may be refused or rewritten."""
         usage_filter: UsageChunkFilter | None = None
-        if target.include_usage and ex.dialect == "openai":
-            injected = inject(meter.info.body)
+        if ex is not None and target.include_usage and ex.dialect == "openai":
+            injected = inject(ex.meter.info.body)
             if injected is not None:
                 body = injected
                 usage_filter = UsageChunkFilter()
-        loop = asyncio.get_running_loop()
-        estimate: asyncio.Future[int] | None = None
-        if meter.info.body is not None:
-            if len(body) > OFFLOAD_BYTES:
-                estimate = loop.run_in_executor(None, meter.estimate_prompt)
-            else:
-                meter.estimate_prompt()
-
         headers = _forward_headers(request.headers)
         skip = [h for h in ("User-Agent", "Accept-Encoding", "Content-Type")
                 if h not in request.headers]
         if usage_filter is not None:
             # The meter must be able to read what it filters: ask for an uncompressed stream.
             headers.popall("Accept-Encoding", None)
+        sent = asyncio.get_running_loop().create_task(self._session().request(
+            request.method, target.upstream_url(request.raw_path), headers=headers,
+            data=body if body else None, allow_redirects=False, skip_auto_headers=skip),
+            name="sidecar-upstream-request")
+        estimate: asyncio.Future[int] | None = None
         try:
-            up = await self._session().request(
-                request.method, target.upstream_url(request.raw_path), headers=headers,
-                data=body if body else None, allow_redirects=False, skip_auto_headers=skip)
+            if ex is None:
+                await asyncio.sleep(0)  # let the request go out first
+                ex = self._exchange(request, target, body, t0)
+            meter = ex.meter
+            if meter.info.body is not None:
+                if len(body) > OFFLOAD_BYTES:
+                    estimate = asyncio.get_running_loop().run_in_executor(
+                        None, meter.estimate_prompt)
+                else:
+                    meter.estimate_prompt()
+        except BaseException:
+            sent.cancel()
+            raise
+        m = self.metrics
+        try:
+            up = await sent
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             timed_out = isinstance(exc, TimeoutError)
             if estimate is not None:
@@ -243,12 +258,12 @@ class Proxy:
             usage_filter = None
         streamed = meter.streamed
         if streamed:
-            m.in_flight.labels(ex.provider, ex.model).inc()
+            m.c_in_flight(ex.provider, ex.model).inc()
         try:
             await self._relay(request, resp, up, ex, usage_filter, content_type)
         finally:
             if streamed:
-                m.in_flight.labels(ex.provider, ex.model).dec()
+                m.c_in_flight(ex.provider, ex.model).dec()
             if ex.outcome == OUTCOME_COMPLETED:
                 up.release()
             else:
@@ -342,8 +357,7 @@ class Proxy:
     def _live_input(self, ex: _Exchange) -> None:
         n = ex.meter.prompt_estimate
         if n:
-            self.metrics.live_tokens.labels(ex.provider, ex.model, "input", ex.key,
-                                            ex.team).inc(n)
+            self.metrics.c_live(ex.provider, ex.model, "input", ex.key, ex.team).inc(n)
             if ex.charge.budgets:
                 rate = ex.charge.in_rate
                 ex.charge.add(self.ledger, n, None if rate is None else n * rate, self.wall())
@@ -354,8 +368,8 @@ class Proxy:
         n = ex.meter.take_live()
         if n:
             if ex.live_out is None:
-                ex.live_out = self.metrics.live_tokens.labels(ex.provider, ex.model, "output",
-                                                              ex.key, ex.team)
+                ex.live_out = self.metrics.c_live(ex.provider, ex.model, "output", ex.key,
+                                                  ex.team)
             ex.live_out.inc(n)
             if ex.charge.budgets:
                 rate = ex.charge.out_rate
@@ -379,21 +393,22 @@ class Proxy:
         ex.charge.settle(self.ledger, s.input_tokens + s.output_tokens, cost, self.wall())
         if not meter.tokenizer.exact:
             self._learn(meter, ex.model)
-        m.requests.labels(ex.provider, ex.model, ex.key, ex.team, str(ex.status), outcome,
-                          stream).inc()
+        m.c_requests(ex.provider, ex.model, ex.key, ex.team, str(ex.status), outcome,
+                     stream).inc()
         duration = end - ex.t0
-        m.duration.labels(ex.provider, ex.model, stream).observe(duration)
+        m.c_duration(ex.provider, ex.model, stream).observe(duration)
         ttft = tpot = None
         if s.first_token_at is not None and meter.streamed:
             ttft = s.first_token_at - ex.t0
-            m.ttft.labels(ex.provider, ex.model).observe(ttft)
+            m.c_ttft(ex.provider, ex.model).observe(ttft)
             if s.output_tokens > 1:
                 tpot = (end - s.first_token_at) / (s.output_tokens - 1)
-                m.tpot.labels(ex.provider, ex.model).observe(tpot)
+                m.c_tpot(ex.provider, ex.model).observe(tpot)
         if m.genai is not None and outcome == OUTCOME_COMPLETED:
             m.genai.observe(_operation(ex), ex.provider, ex.model, s.input_tokens,
                             s.output_tokens, duration, ttft, tpot)
-        self.record(_record(ex, s, outcome, duration, ttft, priced))
+        if self.record is not None:
+            self.record(_record(ex, s, outcome, duration, ttft, priced))
 
     def _price(self, ex: _Exchange, s: Settlement) -> Priced:
         """Priced by the model that answered when the price data lists it (an Azure deployment

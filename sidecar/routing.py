@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from yarl import URL
 
 from .config import Settings, all_routes
-from .dialects import provider_host
+from .dialects import provider_for, provider_host
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +23,14 @@ class Target:
     client_disconnect: str  # auto | close | drain
     # The upstream is a known provider API (by its host), not a gateway or a self-hosted server.
     provider_api: bool = False
+    _labels: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def provider_label(self, dialect: str) -> str:
+        """The ``provider`` label of this route's requests in ``dialect`` (memoized)."""
+        label = self._labels.get(dialect)
+        if label is None:
+            label = self._labels[dialect] = self.provider or provider_for(dialect, self.url.host)
+        return label
 
     @property
     def provider_known(self) -> bool:

@@ -303,11 +303,16 @@ class TextCounter:
             return 0
         limit = len(tail) - self._MARGIN
         end = 0
+        safe = 0  # the committed prefix must not end in whitespace: how a run of spaces splits
+        # ("  " + " " before a digit, "   " at the end) depends on what follows it
         for i in range(len(pieces) - 2):
             piece_end = end + len(pieces[i])
             if piece_end > limit:
                 break
             end = piece_end
+            if not pieces[i].isspace():
+                safe = end
+        end = safe
         if not end:
             if len(tail) > self._MAX_PENDING:
                 return self._slice(tail)
@@ -415,6 +420,7 @@ class Tokenizers:
     def __init__(self, loader: Callable[[str], tiktoken.Encoding] = get_encoding) -> None:
         self._loader = loader
         self._by_key: dict[tuple[str, Profile], Tokenizer] = {}
+        self._by_model: dict[str | None, Tokenizer] = {}
         self._lock = threading.Lock()
 
     def preload(self, names: tuple[str, ...] = SUPPORTED_ENCODINGS) -> None:
@@ -433,7 +439,13 @@ class Tokenizers:
         return tok
 
     def for_model(self, model: str | None) -> Tokenizer:
-        return self.by_encoding(encoding_name_for_model(model), profile_for_model(model))
+        tok = self._by_model.get(model)
+        if tok is None:
+            tok = self.by_encoding(encoding_name_for_model(model), profile_for_model(model))
+            if len(self._by_model) > 10_000:
+                self._by_model.clear()
+            self._by_model[model] = tok
+        return tok
 
 
 def bake(cache_dir: str) -> list[str]:

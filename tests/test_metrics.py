@@ -17,7 +17,7 @@ def settlement(**kw: object) -> Settlement:
         input_tokens=10, output_tokens=20, cached_input_tokens=4, cache_write_input_tokens=None,
         reasoning_tokens=5, input_source="reported", output_source="reported",
         reasoning_source="reported", estimated_input_tokens=11, estimated_output_tokens=19,
-        reported={}, model="m", finish_reason="stop", error=None, frame_errors=2,
+        model="m", finish_reason="stop", error=None, frame_errors=2,
         first_token_at=1.0)
     base.update(kw)
     return Settlement(**base)  # type: ignore[arg-type]

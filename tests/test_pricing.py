@@ -53,7 +53,7 @@ def settlement(**kw: Any) -> Settlement:
         input_tokens=0, output_tokens=0, cached_input_tokens=None, cache_write_input_tokens=None,
         reasoning_tokens=None, input_source="reported", output_source="reported",
         reasoning_source=None, estimated_input_tokens=0, estimated_output_tokens=0,
-        reported=None, model=None, finish_reason=None, error=None, frame_errors=0,
+        model=None, finish_reason=None, error=None, frame_errors=0,
         first_token_at=None)
     return Settlement(**{**base, **kw})
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from .anthropic import AnthropicDialect
 from .base import Dialect, RequestInfo, Sink, Usage
 from .gemini import GeminiDialect
@@ -33,10 +35,9 @@ def get_dialect(name: str) -> Dialect:
         raise ValueError(f"unknown dialect {name!r}; known: {known}") from None
 
 
-def detect(path: str, headers: dict[str, str] | None = None) -> str:
+def detect(path: str, headers: Mapping[str, str] | None = None) -> str:
     """The dialect of a request, from its path (and Anthropic's version header)."""
     p = path.lower()
-    h = {k.lower(): v for k, v in (headers or {}).items()}
     if ":streamgeneratecontent" in p or ":generatecontent" in p or ":embedcontent" in p \
             or ":batchembedcontents" in p or p.rstrip("/").endswith("/interactions"):
         return "gemini"
@@ -52,7 +53,8 @@ def detect(path: str, headers: dict[str, str] | None = None) -> str:
         return "ollama"
     if p.rstrip("/").endswith("/v2/chat"):
         return "cohere"
-    if p.rstrip("/").endswith("/messages") and ("anthropic-version" in h or "/v1/" in p):
+    if p.rstrip("/").endswith("/messages") and (
+            "/v1/" in p or any(k.lower() == "anthropic-version" for k in (headers or {}))):
         return "anthropic"
     if p.rstrip("/").endswith("/responses"):
         return "openai-responses"

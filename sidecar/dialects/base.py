@@ -41,16 +41,17 @@ class Usage:
 
     def merge(self, newer: Usage) -> None:
         """Later frames carry cumulative counts: each field the newer frame states replaces ours."""
-        for f in fields(self):
-            value = getattr(newer, f.name)
+        for name in _USAGE_FIELDS:
+            value = getattr(newer, name)
             if value is not None:
-                setattr(self, f.name, value)
+                setattr(self, name, value)
 
     def empty(self) -> bool:
         """No token count was reported (a service tier alone is not usage)."""
         return all(getattr(self, name) is None for name in COUNT_FIELDS)
 
 
+_USAGE_FIELDS = tuple(f.name for f in fields(Usage))
 COUNT_FIELDS = ("input", "output", "cached_input", "cache_write_input", "reasoning", "total",
                 "cache_write_1h_input", "input_audio", "cached_audio_input", "output_audio",
                 "billed_input", "billed_output", "server_tools", "cost_usd")
