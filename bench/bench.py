@@ -142,6 +142,24 @@ class Target:
     name: str
     url: str
     proc: subprocess.Popen[bytes] | None = None
+    metrics: str | None = None  # the sidecar's /metrics, for its fast-lane counters
+
+    async def meter_counts(self) -> tuple[float, float, float]:
+        """(fast-lane bytes, general-path bytes, text characters estimated by length) so far;
+        zeros for targets without the metrics (or a baseline commit that predates them)."""
+        if self.metrics is None:
+            return 0.0, 0.0, 0.0
+        async with aiohttp.ClientSession() as s, s.get(self.metrics) as r:
+            text = await r.text()
+        got = {"fast": 0.0, "general": 0.0, "chars": 0.0}
+        for line in text.splitlines():
+            if line.startswith('llm_meter_bytes_total{path="fast"}'):
+                got["fast"] = float(line.split()[-1])
+            elif line.startswith('llm_meter_bytes_total{path="general"}'):
+                got["general"] = float(line.split()[-1])
+            elif line.startswith("llm_tokenizer_estimated_chars_total "):
+                got["chars"] = float(line.split()[-1])
+        return got["fast"], got["general"], got["chars"]
 
     def cpu_seconds(self) -> float:
         """CPU time of every thread, from the scheduler's nanosecond counters (the 10 ms ticks
@@ -193,7 +211,8 @@ def start_sidecar(name: str, upstream: str, tree: Path, config: Path | None) -> 
            "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{mport}"]
     if config is not None:
         cmd += ["--config", str(config)]
-    return Target(name, f"http://127.0.0.1:{port}", subprocess.Popen(cmd, env=env, cwd=tree))
+    return Target(name, f"http://127.0.0.1:{port}", subprocess.Popen(cmd, env=env, cwd=tree),
+                  f"http://127.0.0.1:{mport}/metrics")
 
 
 def baseline_tree(ref: str) -> Path:
@@ -337,10 +356,22 @@ async def scenario_paced(targets: list[Target], levels: list[int]) -> Table:
             rows)
 
 
-async def _throughput(t: Target, shape: Shape, streams: int = 20,
-                      repeat: int = 3) -> tuple[float, float]:
+@dataclass
+class Run:
+    rate: float  # events/s, median
+    cpu: float  # proxy CPU ms per 1000 events, median
+    lane: float | None  # share of metered bytes the fast lane read (None: not reported)
+    by_length: float  # characters of text estimated by length per event (budget spent)
+
+    def lane_text(self) -> str:
+        return "-" if self.lane is None else f"{self.lane * 100:.0f}%"
+
+
+async def _throughput(t: Target, shape: Shape, streams: int = 20, repeat: int = 3) -> Run:
     """Median events/s and proxy CPU ms per 1000 events over ``repeat`` runs."""
     rates, cpus = [], []
+    f0, g0, c0 = await t.meter_counts()
+    total = 0
     for _ in range(repeat):
         cpu0, w0 = t.cpu_seconds(), time.perf_counter()
         async with client() as s:
@@ -348,10 +379,14 @@ async def _throughput(t: Target, shape: Shape, streams: int = 20,
                                              for _ in range(streams)))
         wall = time.perf_counter() - w0
         events = sum(r.events for r in results)
+        total += events
         assert all(r.ok for r in results), f"{t.name}: failed streams"
         rates.append(events / wall)
         cpus.append((t.cpu_seconds() - cpu0) * 1000 / events * 1000)
-    return statistics.median(rates), statistics.median(cpus)
+    f1, g1, c1 = await t.meter_counts()
+    read = (f1 - f0) + (g1 - g0)
+    return Run(statistics.median(rates), statistics.median(cpus),
+               (f1 - f0) / read if read else None, (c1 - c0) / total if total else 0.0)
 
 
 async def scenario_throughput(targets: list[Target]) -> Table:
@@ -361,15 +396,16 @@ async def scenario_throughput(targets: list[Target]) -> Table:
         rates: dict[str, float] = {}
         for t in targets:
             await _throughput(t, shape, 4, 1)  # warm up connections and caches
-            rate, cpu = await _throughput(t, shape)
-            rates[t.name] = rate
-            ratio = rate / rates["bare aiohttp"] if "bare aiohttp" in rates else float("nan")
-            rows.append([str(tokens), t.name, f"{rate:,.0f}",
-                         "-" if t.proc is None else f"{cpu:.2f}",
-                         "-" if t.name in ("direct", "bare aiohttp") else f"{ratio:.2f}x"])
+            run = await _throughput(t, shape)
+            rates[t.name] = run.rate
+            bare = rates.get("bare aiohttp")
+            rows.append([str(tokens), t.name, f"{run.rate:,.0f}",
+                         "-" if t.proc is None else f"{run.cpu:.2f}",
+                         "-" if not bare or t.name in ("direct", "bare aiohttp")
+                         else f"{run.rate / bare:.2f}x", run.lane_text()])
     return ("3. Unpaced throughput (20 concurrent streams x 1000 events, median of 3)",
             ["tokens/event", "target", "events/s", "proxy CPU ms / 1000 events",
-             "vs bare"], rows)
+             "vs bare", "fast lane"], rows)
 
 
 def scenario_layers() -> Table:
@@ -448,13 +484,17 @@ async def scenario_odd(targets: list[Target]) -> Table:
         rates: dict[str, float] = {}
         for t in targets:
             await _throughput(t, shape, 4, 1)
-            rate, cpu = await _throughput(t, shape)
-            rates[t.name] = rate
-            ratio = rate / rates.get("bare aiohttp", rate)
-            rows.append([label, t.name, f"{rate:,.0f}", "-" if t.proc is None else f"{cpu:.2f}",
-                         "-" if t.name in ("direct", "bare aiohttp") else f"{ratio:.2f}x"])
+            run = await _throughput(t, shape)
+            rates[t.name] = run.rate
+            ratio = run.rate / rates.get("bare aiohttp", run.rate)
+            rows.append([label, t.name, f"{run.rate:,.0f}",
+                         "-" if t.proc is None else f"{run.cpu:.2f}",
+                         "-" if t.name in ("direct", "bare aiohttp") else f"{ratio:.2f}x",
+                         run.lane_text(),
+                         "-" if t.metrics is None else f"{run.by_length:,.0f}"])
     return ("4. Odd framing (20 concurrent streams)",
-            ["case", "target", "events/s", "proxy CPU ms / 1000 events", "vs bare"], rows)
+            ["case", "target", "events/s", "proxy CPU ms / 1000 events", "vs bare",
+             "fast lane", "chars/event estimated by length"], rows)
 
 
 async def scenario_memory(targets: list[Target], levels: list[int]) -> Table:

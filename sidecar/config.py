@@ -81,6 +81,7 @@ class Settings:
     read_timeout: float = 300.0
     max_request_body: int = 32 * 1024 * 1024
     max_frame_size: int = 8 * 1024 * 1024
+    tokenizer_cpu: float = 0.5
     client_disconnect: str = "auto"
     drain_timeout: float = 120.0
     max_keys: int = 1000
@@ -130,6 +131,13 @@ def _positive_float(value: Any) -> float:
     f = float(value)
     if f <= 0:
         raise ValueError("must be greater than 0")
+    return f
+
+
+def _non_negative_float(value: Any) -> float:
+    f = float(value)
+    if f < 0:
+        raise ValueError("must be 0 or more")
     return f
 
 
@@ -242,6 +250,11 @@ OPTIONS: tuple[Option, ...] = (
            "largest request body accepted, else 413 (default 32MiB)"),
     Option("max_frame_size", "limits.max_frame_size", "SIDECAR_MAX_FRAME_SIZE", _size,
            "largest SSE/NDJSON frame the meter buffers (default 8MiB)"),
+    Option("tokenizer_cpu", "limits.tokenizer_cpu", "SIDECAR_TOKENIZER_CPU",
+           lambda v: _non_negative_float(v),
+           "CPU (in cores) exact tokenizing of large texts (1K+ characters in one read) may use; "
+           "beyond it they are estimated from their length, so counting never falls behind "
+           "(0: always exact; default 0.5)"),
     Option("client_disconnect", "client_disconnect.upstream", "SIDECAR_CLIENT_DISCONNECT",
            _choice("auto", "close", "drain"),
            "on client disconnect: drain the upstream to its end so the record equals the bill, "

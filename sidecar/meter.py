@@ -7,6 +7,7 @@ counts generated text incrementally. ``settle()`` turns what it saw into a ``Set
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,11 @@ import orjson
 from .dialects.base import REASONING, Dialect, RequestInfo, Usage
 from .dialects.fastlane import raw_event
 from .frames import Decoder, FrameError, SSEDecoder, decoder_for
-from .tokens import TextCounter, Tokenizer
+from .tokens import CountBudget, TextCounter, Tokenizer
+
+# A slot's text of one read at least this long is "large": its exact count may be refused by
+# the CountBudget (and then estimated from its length).
+LARGE_TEXT = 1024
 
 # A non-streamed body larger than this is forwarded but not parsed: holding it would cost more
 # memory than the accounting is worth (embeddings of big batches are the usual case).
@@ -90,6 +95,7 @@ class Meter:
         *,
         max_frame_size: int | None = None,
         fast_lane: bool = True,
+        budget: CountBudget | None = None,
     ) -> None:
         self.dialect = dialect
         self.info = info
@@ -97,6 +103,8 @@ class Meter:
         self._clock = clock
         self._max_frame_size = max_frame_size
         self._use_lane = fast_lane
+        self._budget = budget
+        self.estimated_chars = 0  # text counted by its length: the budget was spent
         self.model_name: str | None = info.model
         self.reported = Usage()
         self.prompt_estimate = 0
@@ -305,9 +313,18 @@ class Meter:
     def _count_pending(self) -> None:
         if self._pending:
             counters = self._counters
+            budget = self._budget
             for slot, parts in self._pending.items():
-                self._committed += counters[slot].feed(parts[0] if len(parts) == 1
-                                                       else "".join(parts))
+                text = parts[0] if len(parts) == 1 else "".join(parts)
+                if budget is None or len(text) < LARGE_TEXT:
+                    self._committed += counters[slot].feed(text)
+                elif budget.allow():
+                    t = time.perf_counter()
+                    self._committed += counters[slot].feed(text)
+                    budget.spend(time.perf_counter() - t)
+                else:
+                    self._committed += counters[slot].estimate(text)
+                    self.estimated_chars += len(text)
             self._pending.clear()
 
     def usage(self, usage: Usage) -> None:

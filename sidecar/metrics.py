@@ -197,6 +197,15 @@ class Metrics:
             "llm_server_tool_calls", "Server-side tool calls the provider reported (billed per "
             "call: web search, file search, ...)", ["provider", "model", "tool"],
             registry=registry)
+        self.meter_bytes = Counter(
+            "llm_meter_bytes", "Response bytes the meter read, by path: the fast lane (runs of "
+            "known event shapes) or the general reader", ["path"], registry=registry)
+        self.meter_fast = self.meter_bytes.labels("fast")
+        self.meter_general = self.meter_bytes.labels("general")
+        self.estimated_chars = Counter(
+            "llm_tokenizer_estimated_chars", "Generated text counted by its length instead of "
+            "the tokenizer, because the tokenizer CPU budget was spent (limits.tokenizer_cpu)",
+            registry=registry)
         self.price_info = Info(
             "llm_price_data", "The price data costs are computed from", registry=registry)
         self.genai = GenAIMetrics(registry) if otel_genai else None
@@ -220,6 +229,14 @@ class Metrics:
                 self.c_unpriced(provider, model).inc(tokens)
         elif usd > 0:
             self.c_cost(provider, model, key, team, source).inc(usd)
+
+    def metered(self, fast: int, general: int, estimated_chars: int) -> None:
+        if fast:
+            self.meter_fast.inc(fast)
+        if general:
+            self.meter_general.inc(general)
+        if estimated_chars:
+            self.estimated_chars.inc(estimated_chars)
 
     def price_data(self, book: PriceBook) -> None:
         d = book.data

@@ -30,7 +30,7 @@ from .meter import Meter, Settlement
 from .metrics import Metrics
 from .pricing import UNPRICED, Entry, PriceBook, Priced, live_rates, price_settlement
 from .routing import Target, route, targets
-from .tokens import Tokenizers
+from .tokens import CountBudget, Tokenizers
 from .usage_inject import UsageChunkFilter, inject
 
 log = logging.getLogger("sidecar.proxy")
@@ -106,6 +106,7 @@ class Proxy:
         self.clock = clock
         self.wall = wall
         self.targets = targets(settings)
+        self.count_budget = CountBudget(settings.tokenizer_cpu) if settings.tokenizer_cpu else None
 
     async def _read_body(self, request: web.Request) -> bytes | None:
         limit = self.settings.max_request_body
@@ -159,7 +160,7 @@ class Proxy:
         info = dialect.parse_request(request.path, request.query_string, body)
         tokenizer = self.tokenizers.for_model(info.model)
         meter = Meter(dialect, info, tokenizer, self.clock,
-                      max_frame_size=self.settings.max_frame_size)
+                      max_frame_size=self.settings.max_frame_size, budget=self.count_budget)
         model = m.model_label(info.model)
         if not tokenizer.exact:
             meter.output_scale = self.calibration.factor(model, "output")
@@ -386,6 +387,8 @@ class Proxy:
         m = self.metrics
         stream = "true" if meter.streamed else "false"
         m.settle(ex.provider, ex.model, ex.key, ex.team, s)
+        m.metered(meter.bytes_fast, meter.bytes_metered - meter.bytes_fast,
+                  meter.estimated_chars)
         priced = self._price(ex, s)
         cost = priced.usd
         m.cost(ex.provider, ex.model, ex.key, ex.team, s.source, cost,
@@ -513,5 +516,6 @@ def _record(ex: _Exchange, s: Settlement, outcome: str, duration: float,
         "ttft_seconds": None if ttft is None else round(ttft, 6),
         "duration_seconds": round(duration, 6),
         "frame_errors": s.frame_errors,
+        "length_estimated_chars": ex.meter.estimated_chars,
         "error": redact(ex.error or s.error, ex.secret),
     }

@@ -246,6 +246,34 @@ def _load(name: str) -> tiktoken.Encoding:
     return enc
 
 
+class CountBudget:
+    """How much CPU exact tokenizing of large texts may take, per wall-clock second, summed
+    over every stream of the process (a token bucket, thread-safe: meters also run in worker
+    threads). Beyond it, large texts are estimated from their length: counting never falls
+    behind the streams it meters, and a box at its limit keeps relaying at full speed."""
+
+    def __init__(self, cores: float, clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.rate = cores  # CPU seconds allowed per wall second
+        self.capacity = max(cores, 0.01)  # one second's worth of burst
+        self._clock = clock or time.monotonic
+        self._level = self.capacity
+        self._last = self._clock()
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            now = self._clock()
+            self._level = min(self.capacity, self._level + (now - self._last) * self.rate)
+            self._last = now
+            return self._level > 0
+
+    def spend(self, seconds: float) -> None:
+        with self._lock:
+            self._level -= seconds
+
+
 class TextCounter:
     """Counts tokens of a text that arrives in arbitrary fragments, without drift.
 
@@ -257,7 +285,7 @@ class TextCounter:
     For estimated (non-exact) profiles the counts are fractional; callers round the total.
     """
 
-    __slots__ = ("_tail", "_tok", "total")
+    __slots__ = ("_chars", "_exact", "_tail", "_tok", "estimated_chars", "total")
 
     # Pieces that end this close to the end of the pending text may still change.
     _MARGIN = 4
@@ -272,10 +300,17 @@ class TextCounter:
     _MAX_PENDING = 2048
     _SLICE_KEEP = 64
 
+    # Characters per token assumed for text estimated from its length before any of the stream's
+    # text was counted exactly (English prose is about 4, JSON and code nearer 3).
+    DEFAULT_CHARS_PER_TOKEN = 3.6
+
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tok = tokenizer
         self._tail = ""
         self.total: float = 0
+        self._chars = 0  # characters and tokens counted exactly (the ratio of estimate())
+        self._exact: float = 0
+        self.estimated_chars = 0
 
     def feed(self, text: str) -> float:
         if not text:
@@ -294,6 +329,8 @@ class TextCounter:
                 committed: float = len(tok.enc.encode_ordinary(tail[:cut]))
                 self._tail = tail[cut:]
                 self.total += committed
+                self._chars += cut
+                self._exact += committed
                 return committed
         pieces = tok.pattern.findall(tail)
         if len(pieces) <= 2:
@@ -321,6 +358,8 @@ class TextCounter:
         committed = tok.weigh_pieces(tail[:end], pieces)
         self._tail = tail[end:]
         self.total += committed
+        self._chars += end
+        self._exact += committed
         return committed
 
     def _slice(self, tail: str) -> float:
@@ -328,15 +367,31 @@ class TextCounter:
         committed = self._tok.weigh(tail[:cut])
         self._tail = tail[cut:]
         self.total += committed
+        self._chars += cut
+        self._exact += committed
         return committed
 
     def flush(self) -> float:
         if not self._tail:
             return 0
         n = self._tok.weigh(self._tail)
+        self._chars += len(self._tail)
+        self._exact += n
         self._tail = ""
         self.total += n
         return n
+
+    def estimate(self, text: str) -> float:
+        """Count ``text`` by its length, at the ratio this stream's exact counts showed (the
+        pending tail is counted exactly first; the seam may be off by a token)."""
+        n = self.flush()
+        ratio = self._chars / self._exact if self._exact >= 8 else self.DEFAULT_CHARS_PER_TOKEN
+        guess = len(text) / max(ratio, 0.5)
+        if self._tok.exact:
+            guess = float(round(guess))
+        self.total += guess
+        self.estimated_chars += len(text)
+        return n + guess
 
 
 # In o200k_base and cl100k_base a piece holds a space only as its first character (or is all
