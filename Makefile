@@ -33,9 +33,9 @@ test: $(VENV)/.dev system-deps
 sync-rules: $(VENV)/.runtime
 	$(BIN)/python scripts/sync-rules
 
-## dashboards: regenerate grafana/dashboards/*.json from grafana/generate.py
-dashboards:
-	$(PYTHON) grafana/generate.py
+## dashboards: regenerate grafana/dashboards/*.json from grafana/generate.py (Grafana's SDK)
+dashboards: $(VENV)/.dev
+	$(BIN)/python grafana/generate.py
 
 ## prices: regenerate sidecar/data/prices.json from the pinned genai-prices (pyproject.toml)
 prices: $(VENV)/.dev

@@ -98,11 +98,32 @@ def writes_for(shape: Shape) -> list[bytes]:
     return writes
 
 
+# Hop timings: when each X-Bench-Hop request reached the upstream, and when the upstream wrote
+# its first chunk (same process, same clock as the load generator).
+HOP_ARRIVED: dict[str, float] = {}
+HOP_FIRST: dict[str, float] = {}
+HOP_CHUNK = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1,'
+             b'"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":" hop"},'
+             b'"finish_reason":null}]}\n\n')
+
+
 def upstream_app() -> web.Application:
     app = web.Application()
 
     async def chat(request: web.Request) -> web.StreamResponse:
+        hop = request.headers.get("X-Bench-Hop")
+        if hop:
+            HOP_ARRIVED[hop] = time.perf_counter()
         await request.read()
+        if hop:
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await asyncio.sleep(0.005)
+            HOP_FIRST[hop] = time.perf_counter()
+            await resp.write(HOP_CHUNK)
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
         shape = Shape(**orjson.loads(request.headers.get("X-Bench", "{}")))
         if request.headers.get("X-Bench-Nonstream"):
             return web.json_response({
@@ -201,13 +222,17 @@ BUDGET_CONFIG = """budgets:
 """
 
 
+# --pin: proxies on CPU 0, the load generator (this process) on CPU 1.
+PROXY_CPUS: list[str] = []
+
+
 def start_sidecar(name: str, upstream: str, tree: Path, config: Path | None) -> Target:
     """A sidecar from a source tree (this checkout, or a baseline worktree), its own process."""
     port, mport = free_port(), free_port()
     env = {**os.environ, "SIDECAR_RECORDS": "off", "SIDECAR_STATE": "memory://",
            "SIDECAR_LOG_LEVEL": "warning", "SIDECAR_MAX_CONCURRENT_REQUESTS": "100000",
            "PYTHONPATH": str(tree)}
-    cmd = [sys.executable, "-m", "sidecar", "run", "--upstream", upstream,
+    cmd = [*PROXY_CPUS, sys.executable, "-m", "sidecar", "run", "--upstream", upstream,
            "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{mport}"]
     if config is not None:
         cmd += ["--config", str(config)]
@@ -232,7 +257,7 @@ def start_targets(upstream: str, with_litellm: bool, baseline: Path | None = Non
                   baseline_name: str = "", config: Path | None = None) -> list[Target]:
     targets = [Target("direct", upstream)]
     port = free_port()
-    bare = subprocess.Popen([sys.executable, str(ROOT / "bench" / "passthrough.py"),
+    bare = subprocess.Popen([*PROXY_CPUS, sys.executable, str(ROOT / "bench" / "passthrough.py"),
                              "--upstream", upstream, "--port", str(port)])
     targets.append(Target("bare aiohttp", f"http://127.0.0.1:{port}", bare))
     if baseline is not None:
@@ -309,27 +334,68 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
 Table = tuple[str, list[str], list[list[str]]]
 
 
-async def scenario_ttft(targets: list[Target]) -> Table:
+async def scenario_ttft(targets: list[Target], rounds: int = 40) -> Table:
+    """One stream at a time, the targets taking turns each round, so that the machine's drift
+    over the run falls on every target alike."""
     shape = Shape(chunks=64, pace_ms=20, tokens=3)
+    ttfts: dict[str, list[float]] = {t.name: [] for t in targets}
+    gaps: dict[str, list[float]] = {t.name: [] for t in targets}
+    async with client() as s:
+        for t in targets:  # warm up: connections, caches
+            await one_stream(s, t.url, Shape(chunks=4, pace_ms=1, tokens=3))
+        for _ in range(rounds):
+            for t in targets:
+                r = await one_stream(s, t.url, shape)
+                ttfts[t.name].append(r.ttft)
+                gaps[t.name] += r.gaps
     rows = []
     base: dict[str, float] = {}
     for t in targets:
-        ttfts, gaps = [], []
-        async with client() as s:
-            for _ in range(12):
-                r = await one_stream(s, t.url, shape)
-                ttfts.append(r.ttft)
-                gaps += r.gaps
-        m = {"ttft50": pct(ttfts, .5), "ttft99": pct(ttfts, .99), "gap50": pct(gaps, .5),
-             "gap99": pct(gaps, .99)}
+        m = {"ttft50": pct(ttfts[t.name], .5), "ttft99": pct(ttfts[t.name], .99),
+             "gap50": pct(gaps[t.name], .5), "gap99": pct(gaps[t.name], .99)}
         if t.name == "direct":
             base = m
         rows.append([t.name] + [f"{m[k] * 1000:.2f}" for k in m] +
                     [f"{(m['ttft50'] - base['ttft50']) * 1000:+.2f}",
                      f"{(m['gap99'] - base['gap99']) * 1000:+.2f}"])
-    return ("1. One paced stream (64 chunks at 20 ms), ms",
+    return (f"1. One paced stream at a time (64 chunks at 20 ms, {rounds} rounds, targets "
+            "interleaved), ms",
             ["target", "TTFT p50", "TTFT p99", "gap p50", "gap p99", "added TTFT p50",
              "added gap p99"], rows)
+
+
+async def scenario_hop(targets: list[Target], rounds: int = 200) -> Table:
+    """What a hop adds to time to first token, in its two parts: the request reaching the
+    upstream, and the upstream's first chunk reaching the client. Timed in this process (one
+    clock), targets interleaved, many rounds: the figure is not lost in a pace timer's jitter."""
+    body = (b'{"model": "gpt-4o-mini", "stream": true, '
+            b'"messages": [{"role": "user", "content": "hi"}]}')
+    req: dict[str, list[float]] = {t.name: [] for t in targets}
+    first: dict[str, list[float]] = {t.name: [] for t in targets}
+    async with client() as s:
+        for i in range(rounds + 5):
+            for t in targets:
+                hop = f"{t.name}-{i}"
+                t0 = time.perf_counter()
+                async with s.post(t.url + "/v1/chat/completions", data=body, headers={
+                        "X-Bench-Hop": hop, "Content-Type": "application/json"}) as r:
+                    async for _ in r.content.iter_any():
+                        t1 = time.perf_counter()
+                        break
+                    await r.read()
+                if i >= 5:  # warm-up rounds
+                    req[t.name].append(HOP_ARRIVED.pop(hop) - t0)
+                    first[t.name].append(t1 - HOP_FIRST.pop(hop))
+                await asyncio.sleep(0.002)
+    rows = []
+    direct = req["direct"], first["direct"]
+    for t in targets:
+        a, b = statistics.median(req[t.name]), statistics.median(first[t.name])
+        added = a + b - statistics.median(direct[0]) - statistics.median(direct[1])
+        rows.append([t.name, f"{a * 1000:.3f}", f"{b * 1000:.3f}", f"{added * 1000:+.3f}"])
+    return (f"1b. What a hop adds to TTFT ({rounds} rounds, targets interleaved, p50), ms",
+            ["target", "request -> upstream", "first chunk -> client",
+             "added to TTFT vs direct"], rows)
 
 
 async def scenario_paced(targets: list[Target], levels: list[int]) -> Table:
@@ -636,6 +702,7 @@ async def run(args: argparse.Namespace) -> list[Table]:
     only = set(args.only or [])
     scenarios: list[tuple[str, Callable[[], Any]]] = [
         ("ttft", lambda: scenario_ttft(targets)),
+        ("hop", lambda: scenario_hop(targets)),
         ("paced", lambda: scenario_paced(targets, args.paced)),
         ("throughput", lambda: scenario_throughput(targets)),
         ("layers", None),  # type: ignore[list-item]
@@ -667,7 +734,8 @@ async def run(args: argparse.Namespace) -> list[Table]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--only", action="append", choices=["ttft", "paced", "throughput", "layers",
+    p.add_argument("--only", action="append", choices=["ttft", "hop", "paced", "throughput",
+                                                       "layers",
                                                        "odd", "memory", "soak", "nonstream"])
     p.add_argument("--paced", type=int, nargs="+", default=[64, 128, 256, 500, 750, 1000])
     p.add_argument("--memory", type=int, nargs="+", default=[100, 500, 1000, 2000])
@@ -675,10 +743,15 @@ def main() -> int:
     p.add_argument("--no-litellm", action="store_true")
     p.add_argument("--baseline", metavar="GIT_REF",
                    help="also run the sidecar of this commit (a temporary worktree), side by side")
+    p.add_argument("--pin", action="store_true",
+                   help="pin the proxies to CPU 0 and the load generator to CPU 1 (taskset)")
     p.add_argument("--budget", action="store_true",
                    help="give every sidecar a USD budget matching every request")
     p.add_argument("--markdown", metavar="FILE", help="also write the tables as Markdown")
     args = p.parse_args()
+    if args.pin:
+        PROXY_CPUS[:] = ["taskset", "-c", "0"]
+        os.sched_setaffinity(0, {1})
     try:
         import uvloop
 

@@ -11,89 +11,87 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from grafana_foundation_sdk.builders import bargauge, common, prometheus, stat, timeseries
+from grafana_foundation_sdk.builders import dashboard as dash
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.common import LegendDisplayMode, LegendPlacement, StackingMode
+from grafana_foundation_sdk.models.dashboard import (
+    DashboardCursorSync,
+    DataSourceRef,
+    Threshold,
+    ThresholdsMode,
+    VariableRefresh,
+    VariableSort,
+)
+
 OUT = Path(__file__).resolve().parent / "dashboards"
-DS = {"type": "prometheus", "uid": "${datasource}"}
+DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 SEL = 'provider=~"$provider", model=~"$model", key=~"$key", team=~"$team"'
 PM = 'provider=~"$provider", model=~"$model"'
 
 
-def _var(name: str, query: str, label: str) -> dict[str, Any]:
-    return {"name": name, "label": label, "type": "query", "datasource": DS,
-            "query": {"query": query, "refId": name}, "definition": query, "refresh": 2,
-            "includeAll": True, "multi": True, "allValue": ".*",
-            "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "sort": 1}
-
-
-def _datasource_var() -> dict[str, Any]:
-    return {"name": "datasource", "label": "Data source", "type": "datasource",
-            "query": "prometheus", "current": {}, "hide": 0}
+def _var(name: str, query: str, label: str) -> dash.QueryVariable:
+    return (dash.QueryVariable(name).label(label).query(query).datasource(DS)
+            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).include_all(True).multi(True)
+            .all_value(".*").sort(VariableSort.ALPHABETICAL_ASC))
 
 
 class Board:
-    """Lays panels out on Grafana's 24-column grid, in rows."""
+    """One dashboard: Grafana's typed builders, panels laid out on its 24-column grid in rows."""
 
-    def __init__(self, uid: str, title: str, variables: list[dict[str, Any]], tags: list[str],
-                 description: str) -> None:
-        self.uid, self.title, self.tags, self.description = uid, title, tags, description
-        self.variables = [_datasource_var(), *variables]
-        self.panels: list[dict[str, Any]] = []
-        self._y = 0
-        self._x = 0
-        self._row_h = 0
+    def __init__(self, uid: str, title: str, variables: list[dash.QueryVariable],
+                 tags: list[str], description: str) -> None:
+        self.uid = uid
+        self.builder = (
+            dash.Dashboard(title).uid(uid).tags(tags).description(description).editable()
+            .refresh("10s").time("now-1h", "now").timezone("browser")
+            .tooltip(DashboardCursorSync.CROSSHAIR)
+            .with_variable(dash.DatasourceVariable("datasource").label("Data source")
+                           .type("prometheus")))
+        for v in variables:
+            self.builder.with_variable(v)
+        self._ids = 0
+
+    def _id(self) -> int:
+        self._ids += 1
+        return self._ids
 
     def row(self, title: str) -> None:
-        self._newline()
-        self.panels.append({"type": "row", "title": title, "collapsed": False, "panels": [],
-                            "id": len(self.panels) + 1,
-                            "gridPos": {"h": 1, "w": 24, "x": 0, "y": self._y}})
-        self._y += 1
-
-    def _newline(self) -> None:
-        if self._x:
-            self._y += self._row_h
-            self._x = 0
-            self._row_h = 0
+        self.builder.with_row(dash.Row(title).id(self._id()))
 
     def panel(self, title: str, targets: list[tuple[str, str]], *, kind: str = "timeseries",
               unit: str = "short", w: int = 12, h: int = 8, description: str = "",
               stack: bool = False, max_value: float | None = None) -> None:
-        if self._x + w > 24:
-            self._newline()
-        field_config: dict[str, Any] = {"defaults": {"unit": unit}, "overrides": []}
-        if stack:
-            field_config["defaults"]["custom"] = {"stacking": {"mode": "normal"},
-                                                  "fillOpacity": 30}
+        instant = kind != "timeseries"
+        queries = []
+        for i, (expr, legend) in enumerate(targets):
+            q = prometheus.Dataquery().expr(expr).legend_format(legend).ref_id(chr(65 + i))
+            queries.append(q.instant() if instant else q.range())
+        p: Any
+        if kind == "timeseries":
+            p = timeseries.Panel().legend(common.VizLegendOptions().display_mode(
+                LegendDisplayMode.LIST).placement(LegendPlacement.BOTTOM).show_legend(True))
+            if stack:
+                p = p.stacking(common.StackingConfig().mode(StackingMode.NORMAL)).fill_opacity(30)
+        else:
+            p = (bargauge.Panel() if kind == "bargauge" else stat.Panel()).reduce_options(
+                common.ReduceDataOptions().calcs(["lastNotNull"]))
+        p = (p.id(self._id()).title(title).description(description).datasource(DS).unit(unit)
+             .span(w).height(h).targets(queries))
         if max_value is not None:
-            field_config["defaults"]["max"] = max_value
-            field_config["defaults"]["min"] = 0
-            field_config["defaults"]["thresholds"] = {"mode": "absolute", "steps": [
-                {"color": "green", "value": None}, {"color": "orange", "value": 0.8},
-                {"color": "red", "value": 1.0}]}
-        self.panels.append({
-            "type": kind, "title": title, "description": description, "datasource": DS,
-            "id": len(self.panels) + 1,
-            "gridPos": {"h": h, "w": w, "x": self._x, "y": self._y},
-            "fieldConfig": field_config,
-            "options": {"legend": {"displayMode": "list", "placement": "bottom"}}
-            if kind == "timeseries" else {"reduceOptions": {"calcs": ["lastNotNull"]}},
-            "targets": [{"datasource": DS, "expr": expr, "legendFormat": legend,
-                         "refId": chr(ord("A") + i), "range": kind == "timeseries",
-                         "instant": kind != "timeseries"}
-                        for i, (expr, legend) in enumerate(targets)],
-        })
-        self._x += w
-        self._row_h = max(self._row_h, h)
+            p = p.min(0).max(max_value).thresholds(
+                dash.ThresholdsConfig().mode(ThresholdsMode.ABSOLUTE).steps([
+                    Threshold(value=None, color="green"), Threshold(value=0.8, color="orange"),
+                    Threshold(value=1.0, color="red")]))
+        self.builder.with_panel(p)
 
     def json(self) -> dict[str, Any]:
-        return {"id": None, "uid": self.uid, "title": self.title, "tags": self.tags,
-                "description": self.description, "editable": True, "schemaVersion": 39,
-                "version": 1, "time": {"from": "now-1h", "to": "now"}, "refresh": "10s",
-                "timezone": "browser", "graphTooltip": 1,
-                "templating": {"list": self.variables}, "annotations": {"list": []},
-                "links": [], "panels": self.panels}
+        doc: dict[str, Any] = json.loads(json.dumps(self.builder.build(), cls=JSONEncoder))
+        doc["id"] = None  # importable anywhere: Grafana assigns its own
+        return doc
 
 
-def _filters() -> list[dict[str, Any]]:
+def _filters() -> list[dash.QueryVariable]:
     return [_var("provider", "label_values(llm_requests_total, provider)", "Provider"),
             _var("model", 'label_values(llm_requests_total{provider=~"$provider"}, model)',
                  "Model"),
@@ -205,9 +203,11 @@ def budgets() -> Board:
     b.panel("Time left in window", [(
         f"llm_budget_window_end_timestamp_seconds{{{sel}}} - time()", "{{budget}}")],
         kind="stat", unit="s", w=8)
-    b.panel("Rejected and cut-off requests/s", [(
-        'sum by (outcome) (rate(llm_requests_total{outcome=~"rejected|cut_off"}[5m])) '
-        "or vector(0)", "{{outcome}}")], w=16)
+    b.panel("Rejected and cut-off requests/s by budget", [
+        (f"sum by (budget) (rate(llm_budget_rejections_total{{{sel}}}[5m]))",
+         "{{budget}} rejected"),
+        (f"sum by (budget) (rate(llm_budget_cut_offs_total{{{sel}}}[5m]))",
+         "{{budget}} cut off")], w=16)
     return b
 
 
@@ -249,7 +249,8 @@ BOARDS = (overview, budgets, genai)
 
 
 def render() -> dict[str, str]:
-    return {f"{fn().uid}.json": json.dumps(fn().json(), indent=2) + "\n" for fn in BOARDS}
+    return {f"{b.uid}.json": json.dumps(b.json(), indent=2) + "\n"
+            for b in (fn() for fn in BOARDS)}
 
 
 def main() -> int:

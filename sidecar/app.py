@@ -124,6 +124,7 @@ class Apps:
         self.settings.prices, self.settings.budgets = new.prices, new.budgets
         self.settings.prices_file = new.prices_file
         self.handler.metrics.price_data(self.handler.policy.prices)
+        self.handler.zero_counters()
         self.reloads.append(time.strftime("%Y-%m-%dT%H:%M:%S"))
         log.info("config reloaded: %d budgets, %d price overrides, %d key aliases",
                  len(new.budgets), len(new.prices), len(new.keys))

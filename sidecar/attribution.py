@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import re
@@ -19,12 +20,24 @@ UNKNOWN_TEAM = "none"
 
 
 def bearer_key(headers: Mapping[str, str], query: str = "") -> str | None:
-    """The API key of a request, whichever header (or query parameter) the provider uses."""
+    """The API key of a request, whichever header (or query parameter) the provider uses. Where
+    a request carries several, the one the upstream reads first wins: ``Authorization`` (a
+    bearer token, or the password of Basic credentials, else their user name), then
+    ``x-api-key``, ``api-key``, ``x-goog-api-key``, then ``?key=``."""
     auth = headers.get("Authorization") or headers.get("authorization")
     if auth:
         scheme, _, token = auth.strip().partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
+        token = token.strip()
+        if scheme.lower() == "bearer" and token:
+            return token
+        if scheme.lower() == "basic" and token:
+            try:
+                user, _, password = base64.b64decode(token, validate=True).decode(
+                    "utf-8").partition(":")
+            except (ValueError, UnicodeDecodeError):
+                user = password = ""
+            if password or user:
+                return password or user
     for name in ("x-api-key", "api-key", "x-goog-api-key"):
         value = headers.get(name)
         if value:

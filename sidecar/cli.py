@@ -32,7 +32,8 @@ def _build_parser() -> argparse.ArgumentParser:
     for attr, opt in _RUN_FLAGS.items():
         extra: dict[str, Any] = {"nargs": "?", "const": "true"} if opt.switch else {}
         run.add_argument(f"--{attr.replace('_', '-')}", dest=attr, metavar=attr.upper(),
-                         help=f"{opt.help} (env {opt.env}; file key {opt.file_key})", **extra)
+                         help=f"{opt.help} (env {opt.env}; file key {opt.file_key})".replace(
+                             "%", "%%"), **extra)
 
     demo = sub.add_parser(
         "demo", help="mock upstream + sidecar + traffic + live view; no key, no network",

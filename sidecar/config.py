@@ -81,7 +81,8 @@ class Settings:
     read_timeout: float = 300.0
     max_request_body: int = 32 * 1024 * 1024
     max_frame_size: int = 8 * 1024 * 1024
-    tokenizer_cpu: float = 0.5
+    tokenizer_cpu: float = 0.25
+    escaped_slashes: str = "reject"
     client_disconnect: str = "auto"
     drain_timeout: float = 120.0
     max_keys: int = 1000
@@ -254,7 +255,11 @@ OPTIONS: tuple[Option, ...] = (
            lambda v: _non_negative_float(v),
            "CPU (in cores) exact tokenizing of large texts (1K+ characters in one read) may use; "
            "beyond it they are estimated from their length, so counting never falls behind "
-           "(0: always exact; default 0.5)"),
+           "(0: always exact; default 0.25)"),
+    Option("escaped_slashes", "paths.escaped_slashes", "SIDECAR_ESCAPED_SLASHES",
+           _choice("reject", "keep"),
+           "a request path with an encoded slash or backslash (%2F, %5C) or a backslash: "
+           "reject with 400 (default), or keep it as is for upstreams that need it"),
     Option("client_disconnect", "client_disconnect.upstream", "SIDECAR_CLIENT_DISCONNECT",
            _choice("auto", "close", "drain"),
            "on client disconnect: drain the upstream to its end so the record equals the bill, "

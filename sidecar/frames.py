@@ -206,7 +206,7 @@ class SSEDecoder:
         if name == b"data":
             self._data.append(value)
         elif name == b"event":
-            self._event = value.decode("utf-8", "replace")
+            self._event = value.decode("utf-8", "replace") or None  # "" is the default
         elif name == b"id":
             if b"\x00" not in value:
                 self._id = value.decode("utf-8", "replace")

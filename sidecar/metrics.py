@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -197,6 +197,12 @@ class Metrics:
             "llm_server_tool_calls", "Server-side tool calls the provider reported (billed per "
             "call: web search, file search, ...)", ["provider", "model", "tool"],
             registry=registry)
+        self.rejections = Counter(
+            "llm_budget_rejections", "Requests refused with 429 before reaching the upstream, by "
+            "the block budget that refused them", ["provider", "budget"], registry=registry)
+        self.cut_offs = Counter(
+            "llm_budget_cut_offs", "Streams ended mid-way because they crossed a block budget "
+            "with cut_off_streams", ["provider", "budget"], registry=registry)
         self.meter_bytes = Counter(
             "llm_meter_bytes", "Response bytes the meter read, by path: the fast lane (runs of "
             "known event shapes) or the general reader", ["path"], registry=registry)
@@ -221,6 +227,8 @@ class Metrics:
         self.c_unpriced = Children(self.unpriced)
         self.c_tools = Children(self.server_tool_calls)
         self.c_frame_errors = Children(self.frame_errors)
+        self.c_rejections = Children(self.rejections)
+        self.c_cut_offs = Children(self.cut_offs)
 
     def cost(self, provider: str, model: str, key: str, team: str, source: str,
              usd: float | None, tokens: int) -> None:
@@ -229,6 +237,16 @@ class Metrics:
                 self.c_unpriced(provider, model).inc(tokens)
         elif usd > 0:
             self.c_cost(provider, model, key, team, source).inc(usd)
+
+    def zero(self, providers: Iterable[str], budgets: Iterable[Any]) -> None:
+        """Create, at 0, the labelled series alerts and dashboards read."""
+        budgets = list(budgets)
+        for provider in providers:
+            self.c_frame_errors(provider)
+            for b in budgets:
+                if b.action == "block":
+                    self.c_rejections(provider, b.name)
+                    self.c_cut_offs(provider, b.name)
 
     def metered(self, fast: int, general: int, estimated_chars: int) -> None:
         if fast:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 import orjson
@@ -22,12 +23,13 @@ from multidict import CIMultiDict
 from .attribution import Attributor, bearer_key, redact
 from .calibration import Calibration
 from .config import Settings
-from .dialects import AUTO, detect, get_dialect
+from .dialects import AUTO, detect, get_dialect, provider_host
 from .errors import error_body as api_error_body
 from .errors import stream_error_event
 from .ledger import Charge, Ledger, exhausted
 from .meter import Meter, Settlement
 from .metrics import Metrics
+from .paths import PathError, canonicalize
 from .pricing import UNPRICED, Entry, PriceBook, Priced, live_rates, price_settlement
 from .routing import Target, route, targets
 from .tokens import CountBudget, Tokenizers
@@ -106,7 +108,18 @@ class Proxy:
         self.clock = clock
         self.wall = wall
         self.targets = targets(settings)
+        self.zero_counters()
         self.count_budget = CountBudget(settings.tokenizer_cpu) if settings.tokenizer_cpu else None
+
+    def providers(self) -> list[str]:
+        """The provider labels the configuration names: each route's own, its upstream host's,
+        or the wire format's default (openai) for a gateway."""
+        return sorted({t.provider or provider_host(t.url.host) or "openai" for t in self.targets})
+
+    def zero_counters(self) -> None:
+        """Counters the alert rules and dashboards use exist, at 0, before anything happens
+        (a rate() over a missing series is "no data", not 0)."""
+        self.metrics.zero(self.providers(), self.ledger.budgets)
 
     async def _read_body(self, request: web.Request) -> bytes | None:
         limit = self.settings.max_request_body
@@ -127,11 +140,22 @@ class Proxy:
             return web.Response(status=400, content_type="application/json",
                                 body=error_body("absolute-URI and CONNECT requests are refused; "
                                                 "this is not an open proxy", "invalid_request"))
-        target = route(self.targets, request.path)
+        raw_path, _, query = request.raw_path.partition("?")
+        try:
+            canon = canonicalize(raw_path, self.settings.escaped_slashes)
+        except PathError as exc:
+            return web.Response(status=400, content_type="application/json",
+                                body=error_body(str(exc), "invalid_request"))
+        target = route(self.targets, canon.path)
+        if canon.changed and route(self.targets, canon.decoded) is not target:
+            return web.Response(status=400, content_type="application/json",
+                                body=error_body("the path's '..' segments climb out of the "
+                                                "route it names", "invalid_request"))
+        path = unquote(canon.path)
         if target is None:
             return web.Response(status=404, content_type="application/json",
-                                body=error_body(f"no route for {request.path}",
-                                                "invalid_request"))
+                                body=error_body(f"no route for {path}", "invalid_request"))
+        upstream_path = canon.path + ("?" + query if query else "")
         body = await self._read_body(request)
         if body is None:
             return web.Response(
@@ -141,23 +165,23 @@ class Proxy:
                                 "request_too_large"))
         if target.include_usage or any(b.action == "block" for b in self.ledger.budgets):
             # The request may be refused or rewritten: know it before anything is sent.
-            ex = self._exchange(request, target, body, t0)
+            ex = self._exchange(request, target, path, body, t0)
             blocked = exhausted(self.ledger, ex.charge.blocking, self.wall())
             if blocked is not None:
                 return self._reject(ex, blocked.name)
-            return await self._forward(request, target, body, ex)
-        return await self._forward(request, target, body, None, t0)
+            return await self._forward(request, target, path, upstream_path, body, ex)
+        return await self._forward(request, target, path, upstream_path, body, None, t0)
 
-    def _exchange(self, request: web.Request, target: Target, body: bytes,
+    def _exchange(self, request: web.Request, target: Target, path: str, body: bytes,
                   t0: float) -> _Exchange:
         """Everything known before forwarding: dialect, attribution, meter, budgets."""
         m = self.metrics
         headers = request.headers
-        dialect_name = detect(request.path, headers) if target.dialect == AUTO else target.dialect
+        dialect_name = detect(path, headers) if target.dialect == AUTO else target.dialect
         dialect = get_dialect(dialect_name)
         provider = target.provider_label(dialect_name)
         ident = self.policy.attributor.identify(headers, request.query_string)
-        info = dialect.parse_request(request.path, request.query_string, body)
+        info = dialect.parse_request(path, request.query_string, body)
         tokenizer = self.tokenizers.for_model(info.model)
         meter = Meter(dialect, info, tokenizer, self.clock,
                       max_frame_size=self.settings.max_frame_size, budget=self.count_budget)
@@ -175,7 +199,7 @@ class Proxy:
         return _Exchange(
             secret=bearer_key(request.headers, request.query_string),
             request_id=headers.get("X-Request-Id") or os.urandom(16).hex(),
-            method=request.method, path=request.path, stream_requested=info.stream, t0=t0,
+            method=request.method, path=path, stream_requested=info.stream, t0=t0,
             key=m.cap_key(ident.key), team=m.cap_team(ident.team), provider=provider,
             model=model, dialect=dialect_name, meter=meter, charge=charge, body=body,
             entry=entry, book=book, strict_provider=target.provider_known,
@@ -186,12 +210,14 @@ class Proxy:
         message = f"budget {budget!r} is exhausted for this window"
         body, headers = api_error_body(ex.dialect, message)
         ex.status, ex.outcome, ex.error, ex.billable = 429, OUTCOME_REJECTED, message, False
+        self.metrics.c_rejections(ex.provider, budget).inc()
         self._finish(ex)
         return web.Response(status=429, body=body, content_type="application/json",
                             headers=headers)
 
-    async def _forward(self, request: web.Request, target: Target, body: bytes,
-                       ex: _Exchange | None, t0: float = 0.0) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, target: Target, path: str,
+                       upstream_path: str, body: bytes, ex: _Exchange | None,
+                       t0: float = 0.0) -> web.StreamResponse:
         """Send the request upstream, then (when not known yet) work out its accounting while
         the upstream answers: nothing the meter does sits between the client and the upstream
         unless the request may be refused or rewritten."""
@@ -208,14 +234,14 @@ class Proxy:
             # The meter must be able to read what it filters: ask for an uncompressed stream.
             headers.popall("Accept-Encoding", None)
         sent = asyncio.get_running_loop().create_task(self._session().request(
-            request.method, target.upstream_url(request.raw_path), headers=headers,
+            request.method, target.upstream_url(upstream_path), headers=headers,
             data=body if body else None, allow_redirects=False, skip_auto_headers=skip),
             name="sidecar-upstream-request")
         estimate: asyncio.Future[int] | None = None
         try:
             if ex is None:
                 await asyncio.sleep(0)  # let the request go out first
-                ex = self._exchange(request, target, body, t0)
+                ex = self._exchange(request, target, path, body, t0)
             meter = ex.meter
             if meter.info.body is not None:
                 if len(body) > OFFLOAD_BYTES:
@@ -353,6 +379,7 @@ class Proxy:
         except (ConnectionError, RuntimeError):
             pass
         ex.outcome, ex.error = OUTCOME_CUT_OFF, message
+        self.metrics.c_cut_offs(ex.provider, hit.name).inc()
         return True
 
     def _live_input(self, ex: _Exchange) -> None:

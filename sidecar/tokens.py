@@ -300,9 +300,9 @@ class TextCounter:
     _MAX_PENDING = 2048
     _SLICE_KEEP = 64
 
-    # Characters per token assumed for text estimated from its length before any of the stream's
-    # text was counted exactly (English prose is about 4, JSON and code nearer 3).
-    DEFAULT_CHARS_PER_TOKEN = 3.6
+    # Before any of the stream's text was counted exactly, the ratio for an estimate comes from
+    # counting this much of the text itself (a few microseconds).
+    SAMPLE_CHARS = 256
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tok = tokenizer
@@ -385,7 +385,11 @@ class TextCounter:
         """Count ``text`` by its length, at the ratio this stream's exact counts showed (the
         pending tail is counted exactly first; the seam may be off by a token)."""
         n = self.flush()
-        ratio = self._chars / self._exact if self._exact >= 8 else self.DEFAULT_CHARS_PER_TOKEN
+        if self._exact >= 8:
+            ratio = self._chars / self._exact
+        else:
+            sample = text[:self.SAMPLE_CHARS]
+            ratio = len(sample) / max(self._tok.weigh(sample), 1)
         guess = len(text) / max(ratio, 0.5)
         if self._tok.exact:
             guess = float(round(guess))

@@ -115,3 +115,22 @@ async def test_learned_factors_survive_restart(stack_factory: StackFactory,
     rec = again.records[-1]
     assert rec["output_source"] == "estimated"
     assert abs(rec["output_tokens"] - reported) <= 2  # the live estimate converged
+
+
+async def test_counters_alerts_read_start_at_zero(stack_factory: StackFactory) -> None:
+    """A rate() over a series that does not exist yet is "no data", not 0: the series the rules
+    and dashboards read exist from the start, for every provider the configuration names."""
+    from sidecar.budgets import Budget
+
+    first = await stack_factory()
+    routes = (Route("/anthropic", first.upstream.url, provider="anthropic"),
+              Route("/gw", first.upstream.url))
+    hard = Budget("hard", {}, "day", limit_tokens=10, action="block", cut_off_streams=True)
+    stack = await stack_factory(routes=routes, budgets=(hard,))
+    async with aiohttp.ClientSession() as s, s.get(stack.metrics_url + "/metrics") as r:
+        text = await r.text()
+    for provider in ("anthropic", "openai"):
+        assert f'llm_frame_errors_total{{provider="{provider}"}} 0.0' in text
+        assert f'llm_budget_rejections_total{{budget="hard",provider="{provider}"}} 0.0' in text
+        assert f'llm_budget_cut_offs_total{{budget="hard",provider="{provider}"}} 0.0' in text
+    assert "llm_tokenizer_estimated_chars_total 0.0" in text

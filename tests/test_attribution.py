@@ -16,7 +16,7 @@ def test_key_found_in_each_provider_header() -> None:
     assert bearer_key({"api-key": KEY}) == KEY
     assert bearer_key({"x-goog-api-key": KEY}) == KEY
     assert bearer_key({}, f"alt=sse&key={KEY}") == KEY
-    assert bearer_key({"Authorization": "Basic abc"}) is None
+    assert bearer_key({"Authorization": "Negotiate abc"}) is None
 
 
 def test_alias_and_team_from_config() -> None:
@@ -39,3 +39,18 @@ def test_keyed_hash_depends_on_secret_and_hides_key() -> None:
 def test_anonymous_requests() -> None:
     a = Attributor((), "X-Team", None)
     assert a.identify({"X-Team": "ops"}).key == "anonymous"
+
+
+def test_basic_credentials_and_which_key_wins() -> None:
+    import base64
+
+    basic = base64.b64encode(f"user:{KEY}".encode()).decode()
+    assert bearer_key({"Authorization": f"Basic {basic}"}) == KEY  # the password part
+    token_only = base64.b64encode(f"{KEY}:".encode()).decode()
+    assert bearer_key({"Authorization": f"Basic {token_only}"}) == KEY  # a user-name token
+    assert bearer_key({"Authorization": "Basic !!not-base64"}) is None
+    # Two keys in two places: the Authorization header's, the one upstreams read first.
+    assert bearer_key({"Authorization": f"Basic {basic}", "x-api-key": "sk-other"}) == KEY
+    assert bearer_key({"x-api-key": "sk-other"}, f"key={KEY}") == "sk-other"
+    a = Attributor((), None, None)
+    assert a.identify({"Authorization": f"Basic {basic}"}).key == a.key_id(KEY)

@@ -234,3 +234,80 @@ def test_array_and_eventstream_never_raise(data: bytes, sizes: list[int]) -> Non
 def test_decoder_for_stream_formats() -> None:
     assert isinstance(decoder_for("application/vnd.amazon.eventstream"), EventStreamDecoder)
     assert isinstance(decoder_for("application/json", json_stream=True), JSONArrayDecoder)
+
+
+# -- the cases established parsers test ---------------------------------------------------------
+# Written here from the WHATWG event-stream rules, covering the cases the test suites of the npm
+# `eventsource-parser` package (rexxars/eventsource-parser, test/parse.test.ts, MIT) and the
+# web-platform-tests' eventsource/ directory check. Each case names the peer test it mirrors.
+# Deviations of this decoder, on purpose (it feeds a meter, not a browser):
+#   D1 an event not ended by a blank line is dispatched at close() (real streams end with
+#      `data: [DONE]` and no blank line; usage may sit in that last frame);
+#   D2 a block with an event name or a non-standard field but no data is still dispatched, with
+#      data None (Zhipu's `meta:` frames; dialects ignore frames without data);
+#   D3 the event id is per event, not carried over to later events (accounting never uses it);
+#   D4 an empty `event:` value is reported as no event name (None), the spec's default;
+#   D5 invalid `retry` values are ignored silently (nothing reconnects here).
+
+def _f(data: str | None, event: str | None = None, id_: str | None = None,
+       retry: int | None = None, **fields: str) -> Frame:
+    return Frame(None if data is None else data.encode(), event, id_, retry, dict(fields))
+
+
+PEER_CASES: list[tuple[str, bytes, list[Frame]]] = [
+    ("basic unnamed events stream", b"data: 0\n\ndata: 1\n\nevent: done\ndata: \xe2\x9c\x94\n\n",
+     [_f("0"), _f("1"), _f("\u2714", "done")]),
+    ("stream of multi-line data events",
+     b"event: stock\ndata: YHOO\ndata: +2\ndata: 10\n\nevent: stock\ndata: GOOG\ndata: -8\n"
+     b"data: 1881\n\n",
+     [_f("YHOO\n+2\n10", "stock"), _f("GOOG\n-8\n1881", "stock")]),
+    ("stream using carriage returns", b"data: dog\rdata: bark\r\rdata: cat\rdata: meow\r\r",
+     [_f("dog\nbark"), _f("cat\nmeow")]),
+    ("stream using line feeds", b"data: cow\ndata: moo\n\ndata: horse\ndata: neigh\n\n",
+     [_f("cow\nmoo"), _f("horse\nneigh")]),
+    ("stream using carriage returns and line feeds",
+     b"data: sheep\r\ndata: bleat\r\n\r\ndata: pig\r\ndata: oink\r\n\r\n",
+     [_f("sheep\nbleat"), _f("pig\noink")]),
+    ("stream with varying odd uses of comments",
+     b": hi\ndata: First\n\n:\n:no space\ndata: Second\n\n: \xe2\x99\xa5\ndata: Third\n\n",
+     [_f("First"), _f("Second"), _f("Third")]),
+    ("heartbeat comments between events", b": \xe2\x99\xa5\n\ndata: A\n\n: \xe2\x99\xa5\n\n",
+     [_f("A")]),
+    ("stream of multi-byte events", "data: 我現在都看實況不玩遊戲\n\n".encode(),
+     [_f("我現在都看實況不玩遊戲")]),
+    ("stream of leading bom, then byte-order marks mid-stream (a field named \\ufeffdata)",
+     b"\xef\xbb\xbfdata: bomful 1\n\n\xef\xbb\xbfdata: bomful 2\n\ndata: bomless 3\n\n",
+     [_f("bomful 1"), _f(None, **{"\ufeffdata": "bomful 2"}), _f("bomless 3")]),  # D2
+    ("stream with oddly shaped data field: `data:` is an empty data line",
+     b"data:\n\ndata\ndata\n\ndata:test\n\n", [_f(""), _f("\n"), _f("test")]),
+    ("only one leading space is stripped from a value", b"data:  two\n\ndata:none\n\n",
+     [_f(" two"), _f("none")]),
+    ("stream with `id` field containing a NULL character",
+     b"id: 123\nid: bad\x00id\ndata: hello\n\n", [_f("hello", id_="123")]),
+    ("stream with partially incorrect retry fields",
+     b"retry:1000\ndata: a\n\nretry:2000x\ndata:x\n\n",
+     [_f("a", retry=1000), _f("x")]),  # D5
+    ("stream with empty `event` field", b"event:\ndata: Hello 1\n\nevent: done\ndata: ok\n\n",
+     [_f("Hello 1"), _f("ok", "done")]),  # D4
+    ("a field name without a colon takes an empty value", b"event\ndata: x\n\n", [_f("x")]),
+    ("no newline after the last message", b"data: 1\n\ndata: 2", [_f("1"), _f("2")]),  # D1
+    ("an id-only block dispatches nothing", b"id: 42\n\ndata: after\n\n", [_f("after")]),  # D3
+]
+
+
+def test_peer_cases_whole_byte_by_byte_and_with_trailing_bytes() -> None:
+    for name, data, expected in PEER_CASES:
+        for label, got in (("whole", decode(data)), ("byte by byte", decode(data, [1]))):
+            assert got == expected, (name, label, got)
+        # Trailing bytes of a next event change nothing already dispatched.
+        if data.endswith((b"\n\n", b"\r\r")):
+            assert SSEDecoder().feed(data + b"data: unfinished") == expected, name
+
+
+def test_chunk_ending_in_cr_then_lf_is_one_line_end() -> None:
+    """eventsource-parser: "stream with cr separating chunks of same event" (issue 17)."""
+    dec = SSEDecoder()
+    out: list[object] = []
+    for part in (b"data: A\r\n", b"data: B\r", b"\n", b"data: C\r\n", b"\n"):
+        out += dec.feed(part)
+    assert out == [_f("A\nB\nC")]

@@ -119,3 +119,32 @@ def test_rechunking_never_changes_accounting(cuts: list[int], size: int) -> None
     live += m.take_live()
     expect = _TOK.for_model("gpt-4o-mini").count(TEXT)
     assert live == expect and m.settle().output_tokens == expect
+
+
+def test_large_texts_are_estimated_once_the_tokenizer_budget_is_spent() -> None:
+    from sidecar.tokens import CountBudget
+
+    now = [0.0]
+    budget = CountBudget(0.001, clock=lambda: now[0])
+    budget.spend(1.0)  # spent
+    tok = Tokenizers().for_model("gpt-4o-mini")
+    text = "tool arguments with many words in them " * 100
+    body = sse({"model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": text}}]})
+    exact = Meter(OpenAIDialect(), RequestInfo(model="gpt-4o-mini", stream=True), tok,
+                  lambda: 0.0)
+    sampled = Meter(OpenAIDialect(), RequestInfo(model="gpt-4o-mini", stream=True), tok,
+                    lambda: 0.0, budget=budget)
+    for m in (exact, sampled):
+        m.start_response("text/event-stream", None)
+        m.feed(body)
+        m.end_of_body()
+    assert exact.estimated_chars == 0 and sampled.estimated_chars == len(text)
+    # The ratio of a counted sample of the text: close to the exact count.
+    e, s = exact.settle().output_tokens, sampled.settle().output_tokens
+    assert abs(s - e) / e < 0.05, (s, e)
+    short = Meter(OpenAIDialect(), RequestInfo(model="gpt-4o-mini", stream=True), tok,
+                  lambda: 0.0, budget=budget)
+    short.start_response("text/event-stream", None)
+    short.feed(sse({"model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": "hi"}}]}))
+    short.end_of_body()
+    assert short.estimated_chars == 0  # small texts are always counted exactly

@@ -196,3 +196,26 @@ def test_one_giant_piece_is_counted_in_slices_not_quadratically(tokenizers: Toke
     c.flush()
     slices = len(blob) // TextCounter._MAX_PENDING + 1
     assert abs(c.total - tok.count(blob)) <= slices  # at most one token per slice boundary
+
+
+def test_count_budget_refills_at_its_rate() -> None:
+    now = [0.0]
+    budget = tokens.CountBudget(0.5, clock=lambda: now[0])
+    assert budget.allow()
+    budget.spend(0.6)  # more than a second's worth at half a core
+    assert not budget.allow()
+    now[0] = 0.1
+    assert not budget.allow()  # 0.05 s refilled: still in debt
+    now[0] = 0.3
+    assert budget.allow()
+
+
+def test_estimate_uses_the_streams_own_ratio() -> None:
+    tok = tokens.Tokenizers().for_model("gpt-4o")
+    c = tok.counter()
+    prose = "the quick brown fox jumps over the lazy dog " * 20
+    exact = c.feed(prose) + c.flush()
+    guess = c.estimate(prose)
+    assert abs(guess - exact) <= 2 and c.estimated_chars == len(prose)
+    fresh = tok.counter()  # nothing counted exactly yet: a sample of the text gives the ratio
+    assert abs(fresh.estimate(prose) - exact) <= 2
