@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test system-deps sync-rules dashboards bench prices clean
+.PHONY: demo test system-deps sync-rules dashboards bench prices image clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ dashboards: $(VENV)/.dev
 ## prices: regenerate sidecar/data/prices.json from the pinned genai-prices (pyproject.toml)
 prices: $(VENV)/.dev
 	$(BIN)/python scripts/update-prices
+
+## image: build deploy/Dockerfile (Docker, or buildah without an engine) and smoke-test it
+image: $(VENV)/.runtime system-deps
+	scripts/image-smoke
 
 ## bench: the side-by-side benchmark (by hand, not in CI; ~5 minutes; see docs/PERFORMANCE.md)
 bench: $(VENV)/.dev

@@ -1,4 +1,4 @@
-"""Command line: `sidecar run|demo|replay|price|prices-update|top`.
+"""Command line: `sidecar run|demo|replay|price|prices-update|health|top`.
 
 Each `run` flag has an environment variable twin."""
 
@@ -99,6 +99,15 @@ def _build_parser() -> argparse.ArgumentParser:
     update.add_argument("--out", required=True, help="file to write")
     update.add_argument("--url", default=None, help="source URL (default: genai-prices' own)")
 
+    health = sub.add_parser(
+        "health", help="exit 0 when the local sidecar answers /healthz (a container HEALTHCHECK)",
+        description="GET /healthz on the metrics listener named by SIDECAR_METRICS_LISTEN (or "
+                    "--metrics-listen); exit status 0 when it answers 200, else 1.")
+    health.add_argument("--metrics-listen", default=None,
+                        help="HOST:PORT of the metrics listener (default: SIDECAR_METRICS_LISTEN "
+                             "or 0.0.0.0:9464; 0.0.0.0 is asked on 127.0.0.1)")
+    health.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+
     top = sub.add_parser("top", help="terminal dashboard for a running sidecar",
                          description="Poll a sidecar's /metrics and show live tokens per model.")
     top.add_argument("--metrics", default="http://127.0.0.1:9464/metrics",
@@ -120,6 +129,28 @@ def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | N
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
+
+
+def _health(listen: str | None, timeout: float) -> int:
+    import os
+    import urllib.request
+
+    try:
+        host, port = parse_hostport(listen or os.environ.get("SIDECAR_METRICS_LISTEN")
+                                    or "0.0.0.0:9464")
+    except ValueError as exc:
+        print(f"sidecar health: {exc}", file=sys.stderr)
+        return 2
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/healthz"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # local: no proxy
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            return 0 if resp.status == 200 else 1
+    except OSError as exc:
+        print(f"sidecar health: {url}: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -177,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .price_cli import UPDATE_URL, update_main
 
         return update_main(args.out, args.url or UPDATE_URL)
+    if args.command == "health":
+        return _health(args.metrics_listen, args.timeout)
     if args.command == "top":
         from .top import run_top
 
