@@ -183,15 +183,22 @@ class Target:
         return got["fast"], got["general"], got["chars"]
 
     def cpu_seconds(self) -> float:
-        """CPU time of every thread, from the scheduler's nanosecond counters (the 10 ms ticks
-        of /proc/PID/stat are too coarse to compare runs a few percent apart)."""
+        """CPU time of every thread of the process and its children (workers), from the
+        scheduler's nanosecond counters (the 10 ms ticks of /proc/PID/stat are too coarse to
+        compare runs a few percent apart)."""
         if self.proc is None:
             return 0.0
         total = 0
-        for task in os.listdir(f"/proc/{self.proc.pid}/task"):
-            with contextlib.suppress(OSError), \
-                    open(f"/proc/{self.proc.pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
+        pids = [self.proc.pid]
+        with contextlib.suppress(OSError):
+            pids += [int(p) for p in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+                     .read_text().split()]
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with contextlib.suppress(OSError), \
+                            open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                        total += int(f.read().split()[0])
         return total / 1e9
 
     def rss(self) -> int:
@@ -226,12 +233,17 @@ BUDGET_CONFIG = """budgets:
 PROXY_CPUS: list[str] = []
 
 
-def start_sidecar(name: str, upstream: str, tree: Path, config: Path | None) -> Target:
-    """A sidecar from a source tree (this checkout, or a baseline worktree), its own process."""
+def start_sidecar(name: str, upstream: str, tree: Path, config: Path | None,
+                  workers: int = 1) -> Target:
+    """A sidecar from a source tree (this checkout, or a baseline worktree), its own process
+    (a supervisor and its workers with ``workers`` > 1)."""
     port, mport = free_port(), free_port()
     env = {**os.environ, "SIDECAR_RECORDS": "off", "SIDECAR_STATE": "memory://",
            "SIDECAR_LOG_LEVEL": "warning", "SIDECAR_MAX_CONCURRENT_REQUESTS": "100000",
            "PYTHONPATH": str(tree)}
+    if workers > 1:
+        env["SIDECAR_WORKERS"] = str(workers)
+        env["SIDECAR_STATE"] = f"sqlite:////tmp/sidecar-bench-{os.getpid()}-{port}.db"
     cmd = [*PROXY_CPUS, sys.executable, "-m", "sidecar", "run", "--upstream", upstream,
            "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{mport}"]
     if config is not None:
@@ -563,6 +575,42 @@ async def scenario_odd(targets: list[Target]) -> Table:
              "fast lane", "chars/event estimated by length"], rows)
 
 
+async def scenario_workers(targets: list[Target], upstream: str) -> Table:
+    """Throughput with one and two processes: the bare pass-through forked on one port, the
+    sidecar with --workers 2 (budgets and metrics shared through SQLite)."""
+    port = free_port()
+    bare2 = Target("bare aiohttp x2", f"http://127.0.0.1:{port}", subprocess.Popen(  # noqa: ASYNC220
+        [sys.executable, str(ROOT / "bench" / "passthrough.py"), "--upstream", upstream,
+         "--port", str(port), "--processes", "2"], start_new_session=True))
+    side2 = start_sidecar("sidecar --workers 2", upstream, ROOT, None, workers=2)
+    for t in (bare2, side2):
+        wait_port(int(t.url.rsplit(":", 1)[1]), timeout=120)
+    await asyncio.sleep(2.0)
+    by_name = {t.name: t for t in targets}
+    rows = []
+    try:
+        for tokens in (1, 5):
+            shape = Shape(chunks=1000, tokens=tokens)
+            rates: dict[str, float] = {}
+            for t in (by_name["bare aiohttp"], bare2, by_name["sidecar"], side2):
+                await _throughput(t, shape, 4, 1)
+                run = await _throughput(t, shape, streams=40)
+                rates[t.name] = run.rate
+                base = {"bare aiohttp x2": "bare aiohttp",
+                        "sidecar --workers 2": "sidecar"}.get(t.name)
+                rows.append([str(tokens), t.name, f"{run.rate:,.0f}", f"{run.cpu:.2f}",
+                             f"{run.rate / rates[base]:.2f}x" if base else "-"])
+    finally:
+        for t in (bare2, side2):
+            assert t.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(t.proc.pid, 15) if t is bare2 else t.proc.terminate()
+            t.proc.wait(30)
+    return ("7. One and two processes (40 concurrent streams x 1000 events, median of 3)",
+            ["tokens/event", "target", "events/s", "CPU ms / 1000 events (all processes)",
+             "scaling vs one process"], rows)
+
+
 async def scenario_memory(targets: list[Target], levels: list[int]) -> Table:
     rows = []
     shape = Shape(chunks=3, pace_ms=4000, tokens=3)  # streams that stay open ~12 s
@@ -710,6 +758,7 @@ async def run(args: argparse.Namespace) -> list[Table]:
         ("memory", lambda: scenario_memory(targets, args.memory)),
         ("soak", lambda: scenario_soak(targets, args.soak_seconds)),
         ("nonstream", lambda: scenario_nonstream(targets)),
+        ("workers", lambda: scenario_workers(targets, upstream)),
     ]
     try:
         for name, fn in scenarios:
@@ -735,7 +784,7 @@ async def run(args: argparse.Namespace) -> list[Table]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", action="append", choices=["ttft", "hop", "paced", "throughput",
-                                                       "layers",
+                                                       "layers", "workers",
                                                        "odd", "memory", "soak", "nonstream"])
     p.add_argument("--paced", type=int, nargs="+", default=[64, 128, 256, 500, 750, 1000])
     p.add_argument("--memory", type=int, nargs="+", default=[100, 500, 1000, 2000])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 
 import aiohttp
 from aiohttp import web
@@ -51,9 +52,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--upstream", required=True)
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--processes", type=int, default=1,
+                   help="processes sharing the port (SO_REUSEPORT), to compare with --workers")
     args = p.parse_args()
+    for _ in range(args.processes - 1):
+        if os.fork() == 0:
+            break
     web.run_app(make_app(args.upstream.rstrip("/")), host="127.0.0.1", port=args.port,
-                access_log=None, print=None, backlog=4096)
+                access_log=None, print=None, backlog=4096, reuse_port=args.processes > 1)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,8 @@ def build(engine: str, cache: Path) -> None:
         return
     base = buildah_base(cache)
     log("building deploy/Dockerfile with buildah (chroot isolation)")
-    run("buildah", "bud", "--format", "docker", "--isolation", "chroot", "--layers", *secret,
+    run("buildah", "bud", "--format", "docker", "--isolation", "chroot", "--layers",
+        "--force-rm", *secret,
         "--build-arg", f"PYTHON_IMAGE={base}", "-t", IMAGE, "-f", "deploy/Dockerfile",
         str(ROOT))
 

@@ -8,6 +8,7 @@ import hmac
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -148,7 +149,8 @@ def make_app(
     record_sink: RecordSink | None = None,
     clock: Callable[[], float] = time.monotonic,
     wall: Callable[[], float] = time.time,
-    store_factory: Callable[[str], StateStore] = open_store,
+    store_factory: Callable[[str], StateStore] | None = None,
+    worker: Worker | None = None,
 ) -> Apps:
     """Build both apps. Nothing is opened until the apps start (see cleanup_ctx)."""
     registry = registry if registry is not None else CollectorRegistry()
@@ -166,6 +168,7 @@ def make_app(
     ready = asyncio.Event()
     calibration = Calibration()
     handler = Proxy(settings, session_getter=lambda: proxy_app[SESSION_KEY], metrics=metrics,
+                    worker=None if worker is None else worker.index,
                     tokenizers=tokenizers, policy=policy_for(settings), ledger=ledger,
                     record_sink=sink, calibration=calibration, clock=clock, wall=wall)
     apps = Apps(proxy_app, web.Application(), registry, handler, ledger, settings)
@@ -190,7 +193,8 @@ def make_app(
         close_records()
 
     async def state_ctx(app: web.Application) -> AsyncIterator[None]:
-        store = store_factory(settings.state)
+        store = (store_factory(settings.state) if store_factory is not None
+                 else open_store(settings.state, shared=worker is not None))
         learned = await store.load_calibration()
         calibration.restore(learned)
         ledger.load(await store.load_spend(ledger.live_keys(wall())))
@@ -204,7 +208,11 @@ def make_app(
                                 timeout=settings.webhook_timeout)
         ticker = asyncio.create_task(_tick(store, notifier), name="sidecar-state-checkpoint")
         ready.set()
+        if worker is not None:
+            worker.mark_ready(True)
         yield
+        if worker is not None:
+            worker.mark_ready(False)
         ready.clear()
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -231,6 +239,8 @@ def make_app(
         ledger.prune(now)
         if force_calibration or calibration.dirty:
             await store.save_calibration(calibration.snapshot())
+            if worker is not None:  # what the other workers learned, back in
+                calibration.adopt(await store.load_calibration())
 
     async def _tick(store: StateStore, notifier: Notifier | None) -> None:
         n = 0
@@ -295,33 +305,76 @@ class Running:
             await runner.cleanup()
 
 
+@dataclass(frozen=True, slots=True)
+class Worker:
+    """This process is one of ``--workers``: it shares the proxy port (SO_REUSEPORT, or a
+    listening socket inherited from the supervisor), writes its metrics to the supervisor's
+    multiprocess directory and says there when it is ready."""
+
+    index: int
+    metrics_dir: str
+    fd: int | None = None  # an inherited listening socket, where SO_REUSEPORT is missing
+
+    @classmethod
+    def from_env(cls) -> Worker | None:
+        index = os.environ.get("SIDECAR_WORKER_INDEX")
+        if index is None:
+            return None
+        fd = os.environ.get("SIDECAR_WORKER_FD")
+        return cls(int(index), os.environ["PROMETHEUS_MULTIPROC_DIR"],
+                   int(fd) if fd else None)
+
+    def mark_ready(self, ready: bool) -> None:
+        path = os.path.join(self.metrics_dir, f"ready-{self.index}-{os.getpid()}")
+        if ready:
+            with open(path, "w"):
+                pass
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
 async def start(apps: Apps, settings: Settings, *,
-                shutdown_timeout: float | None = None) -> Running:
-    """Start both apps on their listeners; returns the bound ports (useful with port 0)."""
+                shutdown_timeout: float | None = None, worker: Worker | None = None) -> Running:
+    """Start both apps on their listeners; returns the bound ports (useful with port 0). A
+    worker serves only the proxy (the supervisor serves the metrics port)."""
     runners = []
     ports = []
     grace = settings.shutdown_grace if shutdown_timeout is None else shutdown_timeout
-    for app, (host, port) in ((apps.proxy, settings.listen),
-                              (apps.metrics, settings.metrics_listen)):
+    apps_to_start = [(apps.proxy, settings.listen)]
+    if worker is None:
+        apps_to_start.append((apps.metrics, settings.metrics_listen))
+    for app, (host, port) in apps_to_start:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace,
                                max_line_size=settings.max_header_size,
                                max_field_size=settings.max_header_size)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, backlog=2048)
+        site: web.BaseSite
+        if worker is not None and worker.fd is not None:
+            site = web.SockSite(runner, socket.socket(fileno=worker.fd), backlog=2048)
+        else:
+            site = web.TCPSite(runner, host, port, backlog=2048,
+                               reuse_port=worker is not None)
         await site.start()
         runners.append(runner)
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         ports.append(sockets[0].getsockname()[1] if sockets else port)
-    return Running(runners, ports[0], ports[1])
+    return Running(runners, ports[0], ports[1] if len(ports) > 1 else 0)
 
 
 async def serve(settings: Settings, flags: Mapping[str, Any] | None = None) -> None:
     """Run until SIGINT/SIGTERM; SIGHUP (or a file change with watch_config) reloads."""
-    apps = make_app(settings, registry=default_registry())
-    running = await start(apps, settings)
-    log.info("proxy on %s:%d, metrics on %s:%d", settings.listen[0], running.proxy_port,
-             settings.metrics_listen[0], running.metrics_port)
+    worker = Worker.from_env()
+    apps = make_app(settings, registry=default_registry() if worker is None
+                    else CollectorRegistry(), worker=worker)
+    running = await start(apps, settings, worker=worker)
+    if worker is None:
+        log.info("proxy on %s:%d, metrics on %s:%d", settings.listen[0], running.proxy_port,
+                 settings.metrics_listen[0], running.metrics_port)
+    else:
+        log.info("worker %d (pid %d) on %s:%d", worker.index, os.getpid(), settings.listen[0],
+                 running.proxy_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -39,6 +39,15 @@ class Calibration:
         with self._lock:
             self._factors.update(factors)
 
+    def adopt(self, factors: dict[tuple[str, str], Factor]) -> None:
+        """Factors other processes learned (workers, replicas): each one backed by more
+        samples than ours replaces ours."""
+        with self._lock:
+            for key, theirs in factors.items():
+                ours = self._factors.get(key)
+                if ours is None or theirs.samples > ours.samples:
+                    self._factors[key] = Factor(theirs.value, theirs.weight, theirs.samples)
+
     def factor(self, model: str | None, token_type: str) -> float:
         f = self._factors.get((model or "", token_type))
         return f.value if f is not None else 1.0

@@ -162,8 +162,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"sidecar: {exc}", file=sys.stderr)
             return 2
+        import os
+
+        worker = os.environ.get("SIDECAR_WORKER_INDEX")
+        prefix = f"worker {worker} " if worker is not None else ""
         logging.basicConfig(level=settings.log_level,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                            format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
+        if settings.workers > 1 and worker is None:
+            from .workers import supervise
+
+            raw = list(argv if argv is not None else sys.argv[1:])
+            try:
+                with asyncio.Runner() as runner:
+                    runner.run(supervise(settings, raw[raw.index("run") + 1:], flags))
+            except KeyboardInterrupt:
+                pass
+            return 0
         from .app import serve
 
         try:

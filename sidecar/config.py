@@ -107,6 +107,7 @@ class Settings:
     max_concurrent_requests: int = 4096
     shutdown_grace: float = 30.0
     event_loop: str = "auto"
+    workers: int = 1
     log_level: str = "INFO"
     config_file: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -140,6 +141,39 @@ def _non_negative_float(value: Any) -> float:
     if f < 0:
         raise ValueError("must be 0 or more")
     return f
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup CPU quota (containers)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota: float | None = None
+    try:  # cgroup v2
+        raw = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if raw and raw[0] != "max":
+            quota = int(raw[0]) / int(raw[1])
+    except (OSError, ValueError, IndexError):
+        try:  # cgroup v1
+            q = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            if q > 0:
+                quota = q / period
+        except (OSError, ValueError):
+            pass
+    if quota is not None:
+        n = min(n, max(1, int(quota + 0.999)))
+    return max(1, n)
+
+
+def _workers(value: Any) -> int:
+    if str(value).strip().lower() == "auto":
+        return usable_cpus()
+    n = int(value)
+    if n < 1:
+        raise ValueError("expected a number of processes (1 or more) or auto")
+    return n
 
 
 def _size(value: Any) -> int:
@@ -310,6 +344,10 @@ OPTIONS: tuple[Option, ...] = (
            "requests handled at once; more get a 503 with Retry-After (default 4096)"),
     Option("shutdown_grace", "shutdown_grace", "SIDECAR_SHUTDOWN_GRACE", _positive_float,
            "seconds in-flight streams may finish after SIGTERM (default 30)"),
+    Option("workers", "workers", "SIDECAR_WORKERS", lambda v: _workers(v),
+           "worker processes sharing the proxy port, one /metrics and the budgets: a number, or "
+           "auto (the CPUs this process may use, cgroup limits and affinity included); "
+           "default 1"),
     Option("event_loop", "event_loop", "SIDECAR_EVENT_LOOP", _choice("auto", "uvloop", "asyncio"),
            "event loop: auto (uvloop when installed), uvloop, or asyncio"),
     Option("log_level", "log_level", "SIDECAR_LOG_LEVEL",
@@ -515,6 +553,10 @@ def load_settings(
     from .budgets import parse_budgets
 
     settings.budgets = parse_budgets(tree.get("budgets"), problems)
+    if settings.workers > 1 and settings.state.startswith("memory"):
+        problems.append("workers: several workers share budgets through the state store; "
+                        "memory:// keeps none (fix: state sqlite:///PATH or redis://HOST/DB, or "
+                        "workers: 1)")
     if not settings.upstream and not settings.routes:
         problems.append(
             "upstream: required (fix: --upstream URL, SIDECAR_UPSTREAM, 'upstream:' or "

@@ -42,12 +42,15 @@ class Children:
 class LabelCap:
     """Admits at most ``limit`` distinct values of one label; later ones become ``other``."""
 
-    def __init__(self, name: str, limit: int) -> None:
+    def __init__(self, name: str, limit: int, gauge: Any = None) -> None:
         self.name = name
         self.limit = limit
         self._seen: set[str] = set()
         self._lock = threading.Lock()
         self.overflowed = 0
+        self._gauge = gauge.labels(name) if gauge is not None else None
+        if self._gauge is not None:
+            self._gauge.set(0)
 
     def __call__(self, value: str | None) -> str:
         v = value or "unknown"
@@ -58,23 +61,11 @@ class LabelCap:
                 return v
             if len(self._seen) < self.limit:
                 self._seen.add(v)
+                if self._gauge is not None:
+                    self._gauge.set(len(self._seen))
                 return v
             self.overflowed += 1
             return OTHER
-
-
-class _CapCollector(Collector):
-    def __init__(self, caps: tuple[LabelCap, ...]) -> None:
-        self._caps = caps
-
-    def collect(self):  # type: ignore[no-untyped-def]
-        g = GaugeMetricFamily(
-            "llm_label_values", "Distinct values admitted per capped label (others go to 'other')",
-            labels=["label"],
-        )
-        for cap in self._caps:
-            g.add_metric([cap.name], len(cap._seen))
-        yield g
 
 
 class BudgetCollector(Collector):
@@ -155,10 +146,13 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry, *, max_keys: int = 1000,
                  max_teams: int = 200, max_models: int = 200, otel_genai: bool = False) -> None:
         self.registry = registry
-        self.cap_key = LabelCap("key", max_keys)
-        self.cap_team = LabelCap("team", max_teams)
-        self.cap_model = LabelCap("model", max_models)
-        registry.register(_CapCollector((self.cap_key, self.cap_team, self.cap_model)))
+        label_values = Gauge(
+            "llm_label_values", "Distinct values admitted per capped label (others go to "
+            "'other'); with --workers, the largest count of any worker", ["label"],
+            registry=registry, multiprocess_mode="max")
+        self.cap_key = LabelCap("key", max_keys, label_values)
+        self.cap_team = LabelCap("team", max_teams, label_values)
+        self.cap_model = LabelCap("model", max_models, label_values)
         self.tokens = Counter(
             "llm_tokens", "Settled tokens, added once when a request ends",
             ["provider", "model", "token_type", "source", "key", "team"], registry=registry)
@@ -171,7 +165,7 @@ class Metrics:
             ["provider", "model", "key", "team", "code", "outcome", "stream"], registry=registry)
         self.in_flight = Gauge(
             "llm_streams_in_flight", "Streamed responses currently being relayed",
-            ["provider", "model"], registry=registry)
+            ["provider", "model"], registry=registry, multiprocess_mode="livesum")
         self.ttft = Histogram(
             "llm_time_to_first_token_seconds", "Request start to first generated text",
             ["provider", "model"], buckets=_LATENCY_BUCKETS, registry=registry)

@@ -96,8 +96,10 @@ class Proxy:
         calibration: Calibration | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        worker: int | None = None,
     ) -> None:
         self.settings = settings
+        self.worker = worker  # this process's index among --workers (None: the only one)
         self._session = session_getter
         self.metrics = metrics
         self.tokenizers = tokenizers
@@ -438,7 +440,10 @@ class Proxy:
             m.genai.observe(_operation(ex), ex.provider, ex.model, s.input_tokens,
                             s.output_tokens, duration, ttft, tpot)
         if self.record is not None:
-            self.record(_record(ex, s, outcome, duration, ttft, priced))
+            rec = _record(ex, s, outcome, duration, ttft, priced)
+            if self.worker is not None:
+                rec["worker"] = self.worker
+            self.record(rec)
 
     def _price(self, ex: _Exchange, s: Settlement) -> Priced:
         """Priced by the model that answered when the price data lists it (an Azure deployment

@@ -61,18 +61,21 @@ class StateStore(Protocol):
 
 
 class SQLiteState:
-    """The embedded default: one file, WAL, a connection guarded by a lock."""
+    """The embedded default: one file, WAL, a connection guarded by a lock. ``shared``: several
+    processes of one host (``--workers``) write it, and read back the totals all of them wrote,
+    the way replicas share Redis."""
 
-    shared = False
-
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, shared: bool = False) -> None:
         self.path = path
+        self.shared = shared
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path or ":memory:", check_same_thread=False)
         self._lock = threading.Lock()
         with self._lock:
             if path:
+                # Other workers may hold the write lock for a moment: wait, do not fail.
+                self._db.execute("PRAGMA busy_timeout=5000")
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(
@@ -138,6 +141,8 @@ class SQLiteState:
                           read: list[Key]) -> dict[Key, float] | None:
         if deltas:
             await asyncio.to_thread(self._apply_spend, deltas, expiries)
+        if self.shared:
+            return await asyncio.to_thread(self._load_spend, read)
         return None  # this process is the only writer: its own totals are authoritative
 
     async def claim(self, name: str, expires_at: float) -> bool:
@@ -205,9 +210,10 @@ class RedisState:
         await self._r.aclose()
 
 
-def open_store(url: str) -> StateStore:
+def open_store(url: str, shared: bool = False) -> StateStore:
+    """The store a URL names; ``shared``: other processes of this host write it too."""
     kind, target = parse_state_url(url)
     if kind == "redis":
         assert target is not None
         return RedisState(target)
-    return SQLiteState(target)
+    return SQLiteState(target, shared=shared and kind == "sqlite")

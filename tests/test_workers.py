@@ -1,0 +1,152 @@
+"""`--workers 2` as real processes: one port shared by both, one /metrics summing both, budgets
+that hold across them, a worker killed with SIGKILL replaced without touching the other's
+streams, and SIGTERM draining both."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from .conftest import Script, ScriptedUpstream, SidecarProcess, chat_chunks, promtool
+
+USAGE = {"prompt_tokens": 11, "completion_tokens": 22, "total_tokens": 33}
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[ScriptedUpstream]:
+    up = ScriptedUpstream()
+    await up.start()
+    yield up
+    await up.stop()
+
+
+def _workers(tmp: Path, upstream: str, config: str = "") -> SidecarProcess:
+    (tmp / "sidecar.yaml").write_text(f"upstream: {upstream}\n{config}")
+    return SidecarProcess(upstream, SIDECAR_WORKERS="2", SIDECAR_CONFIG=str(tmp / "sidecar.yaml"),
+                          SIDECAR_STATE=f"sqlite:///{tmp / 'state.db'}",
+                          SIDECAR_RECORDS=str(tmp / "records.jsonl"))
+
+
+def _records(tmp: Path) -> list[dict[str, object]]:
+    path = tmp / "records.jsonl"
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() \
+        else []
+
+
+async def _post(url: str, sid: str) -> tuple[int, bytes]:
+    # A connection per request: SO_REUSEPORT spreads connections, not requests.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s, \
+            s.post(url + "/v1/chat/completions", headers={"X-Script": sid},
+                   json={"model": "gpt-4o-mini", "stream": True}) as r:
+        return r.status, await r.read()
+
+
+async def _metric(sidecar: SidecarProcess, name: str) -> float:
+    async with aiohttp.ClientSession() as s, s.get(sidecar.metrics_url + "/metrics") as r:
+        text = await r.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def _worker_pids(supervisor: int) -> list[int]:
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    return [int(p) for p in children]
+
+
+async def test_two_workers_share_one_port_one_metrics_and_budgets(
+        upstream: ScriptedUpstream, tmp_path: Path) -> None:
+    sidecar = _workers(tmp_path, upstream.url, (
+        "budgets:\n  - {name: shared, match: {model: 'gpt-4o-mini'}, window: day, "
+        "limit_tokens: 500, action: block}\n"))
+    await sidecar.start()
+    try:
+        body = chat_chunks("counted by whichever worker answers", 6, usage=USAGE)
+        sent, statuses = 0, []
+        while sent < 40 and 429 not in statuses:
+            status, got = await _post(sidecar.url, upstream.add(Script(chunks=[body])))
+            sent += 1
+            statuses.append(status)
+            if status == 200:
+                assert got == body
+        assert 429 in statuses, "500 tokens at 33 a request: the budget must run out"
+        await asyncio.sleep(2.0)  # every worker has read the shared spend back by now
+        for _ in range(20):
+            status, _ = await _post(sidecar.url, upstream.add(Script(chunks=[body])))
+            sent += 1
+            assert status == 429
+        records = _records(tmp_path)
+        assert len(records) == sent
+        assert {r["worker"] for r in records} == {0, 1}  # both answered
+        assert {r["worker"] for r in records[-20:]} == {0, 1}  # and both refused
+        assert await _metric(sidecar, "llm_requests_total{") == sent  # summed over both
+        assert await _metric(sidecar, "llm_workers ") == 2
+        assert await _metric(sidecar, 'llm_budget_usage_ratio{budget="shared"}') >= 1.0
+        async with aiohttp.ClientSession() as s, s.get(sidecar.metrics_url + "/metrics") as r:
+            exposition = await r.read()
+        lint = subprocess.run([promtool(), "check", "metrics"], input=exposition,
+                              capture_output=True, check=False)
+        assert lint.returncode == 0, lint.stdout + lint.stderr
+    finally:
+        assert await sidecar.stop() == 0
+
+
+async def test_a_killed_worker_is_replaced_and_the_other_keeps_its_streams(
+        upstream: ScriptedUpstream, tmp_path: Path) -> None:
+    sidecar = _workers(tmp_path, upstream.url)
+    await sidecar.start()
+    try:
+        body = chat_chunks("slow enough to be cut " * 4, 4, usage=USAGE)
+        chunks = [body[i:i + 40] for i in range(0, len(body), 40)]
+        streams = [asyncio.create_task(_post(sidecar.url, upstream.add(
+            Script(chunks=chunks, delay=1.2 / len(chunks)))), name=f"stream-{i}")
+            for i in range(8)]
+        await asyncio.sleep(0.5)
+        victim = _worker_pids(sidecar.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        results = await asyncio.gather(*streams, return_exceptions=True)
+        whole = [r for r in results if isinstance(r, tuple) and r == (200, body)]
+        broken = [r for r in results if not (isinstance(r, tuple) and r == (200, body))]
+        assert whole, "the surviving worker's streams complete"
+        assert all(isinstance(r, aiohttp.ClientError) or r[0] == 200 for r in broken)
+        # Every stream the survivor served completed and was recorded by it.
+        for _ in range(50):  # a record is written just after the client saw the last byte
+            if len(records := _records(tmp_path)) >= len(whole):
+                break
+            await asyncio.sleep(0.05)
+        assert len(records) == len(whole) and len({r["worker"] for r in records}) == 1
+        for _ in range(100):
+            if await _metric(sidecar, "llm_workers ") == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert await _metric(sidecar, "llm_workers ") == 2
+        assert await _metric(sidecar, "llm_worker_restarts_total") == 1
+        assert victim not in _worker_pids(sidecar.pid)
+        status, got = await _post(sidecar.url, upstream.add(Script(chunks=[body])))
+        assert (status, got) == (200, body)
+    finally:
+        assert await sidecar.stop() == 0
+
+
+async def test_sigterm_drains_both_workers(upstream: ScriptedUpstream, tmp_path: Path) -> None:
+    sidecar = _workers(tmp_path, upstream.url)
+    await sidecar.start()
+    body = chat_chunks("drained to the last byte " * 3, 5, usage=USAGE)
+    chunks = [body[i:i + 30] for i in range(0, len(body), 30)]
+    streams = [asyncio.create_task(_post(sidecar.url, upstream.add(
+        Script(chunks=chunks, delay=1.0 / len(chunks)))), name=f"drained-{i}") for i in range(6)]
+    await asyncio.sleep(0.3)
+    assert len(_worker_pids(sidecar.pid)) == 2
+    code = await sidecar.stop()
+    assert all(r == (200, body) for r in await asyncio.gather(*streams))
+    assert code == 0
+    records = _records(tmp_path)
+    assert len(records) == 6 and all(r["outcome"] == "completed" for r in records)
+    assert {r["worker"] for r in records} == {0, 1}
