@@ -144,8 +144,49 @@ def upstream_app() -> web.Application:
             pass
         return resp
 
+    async def realtime(request: web.Request) -> web.WebSocketResponse:
+        """A Realtime-shaped WebSocket upstream: 'go N' streams N response events (an audio
+        delta of ~85 ms of PCM16 and a transcript delta per step, then response.done);
+        anything else is echoed at once (the latency probe)."""
+        ws = web.WebSocketResponse(max_msg_size=16 * 2**20)
+        await ws.prepare(request)
+        await ws.send_str(REALTIME_CREATED)
+        async for msg in ws:
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                continue
+            if msg.data.startswith("go "):
+                n = int(msg.data[3:])
+                await ws.send_str(REALTIME_RESPONSE_CREATED)
+                for i in range(n):
+                    await ws.send_str(REALTIME_AUDIO if i % 2 else REALTIME_TEXT)
+                await ws.send_str(REALTIME_DONE)
+            else:
+                await ws.send_str(msg.data)
+        return ws
+
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/realtime", realtime)
     return app
+
+
+REALTIME_CREATED = orjson.dumps({"type": "session.created", "event_id": "e0", "session": {
+    "model": "gpt-realtime", "audio": {"output": {"format": {"type": "audio/pcm",
+                                                            "rate": 24000}}}}}).decode()
+REALTIME_RESPONSE_CREATED = orjson.dumps({"type": "response.created", "event_id": "e1",
+                                          "response": {"id": "resp_1"}}).decode()
+REALTIME_AUDIO = orjson.dumps({
+    "type": "response.output_audio.delta", "event_id": "e2", "response_id": "resp_1",
+    "item_id": "item_1", "output_index": 0, "content_index": 0,
+    "delta": __import__("base64").b64encode(bytes(4096)).decode()}).decode()
+REALTIME_TEXT = orjson.dumps({
+    "type": "response.output_audio_transcript.delta", "event_id": "e3",
+    "response_id": "resp_1", "item_id": "item_1", "output_index": 0, "content_index": 0,
+    "delta": " word"}).decode()
+REALTIME_DONE = orjson.dumps({"type": "response.done", "event_id": "e4", "response": {
+    "id": "resp_1", "status": "completed", "usage": {
+        "total_tokens": 100, "input_tokens": 50, "output_tokens": 50,
+        "input_token_details": {"text_tokens": 50, "audio_tokens": 0, "cached_tokens": 0},
+        "output_token_details": {"text_tokens": 10, "audio_tokens": 40}}}}).decode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -728,6 +769,72 @@ def machine() -> str:
             f"{platform.system()} {platform.release()}")
 
 
+async def _ws_session(s: aiohttp.ClientSession, url: str, frames: int) -> int:
+    async with s.ws_connect(url.replace("http", "ws", 1) + "/v1/realtime?model=gpt-realtime",
+                            max_msg_size=16 * 2**20) as ws:
+        await ws.receive()  # session.created
+        await ws.send_str(f"go {frames}")
+        got = 0
+        while True:
+            msg = await ws.receive()
+            got += 1
+            if msg.type is not aiohttp.WSMsgType.TEXT or msg.data.startswith(
+                    '{"type":"response.done"'):
+                return got
+
+
+async def scenario_ws(targets: list[Target], sessions: int = 20, frames: int = 2000,
+                      rounds: int = 300) -> Table:
+    """Realtime sessions: frames/s of 20 concurrent sessions (half audio deltas of 4 KiB PCM16,
+    half transcript deltas), then the round trip of one small event, targets interleaved."""
+    rates: dict[str, list[float]] = {t.name: [] for t in targets}
+    cpu: dict[str, list[float]] = {t.name: [] for t in targets}
+    async with client() as s:
+        for t in targets:
+            await asyncio.gather(*(_ws_session(s, t.url, 50) for _ in range(4)))  # warm up
+        for _ in range(3):
+            for t in targets:
+                c0, w0 = t.cpu_seconds(), time.perf_counter()
+                got = await asyncio.gather(*(_ws_session(s, t.url, frames)
+                                             for _ in range(sessions)))
+                wall = time.perf_counter() - w0
+                rates[t.name].append(sum(got) / wall)
+                cpu[t.name].append((t.cpu_seconds() - c0) * 1e6 / sum(got))
+        rtt: dict[str, list[float]] = {t.name: [] for t in targets}
+        conns = {}
+        for t in targets:
+            ws = await s.ws_connect(t.url.replace("http", "ws", 1) + "/v1/realtime")
+            await ws.receive()
+            conns[t.name] = ws
+        probe = orjson.dumps({"type": "input_audio_buffer.append", "event_id": "p",
+                              "audio": "AAAA" * 256}).decode()
+        for i in range(rounds + 20):
+            for t in targets:
+                ws = conns[t.name]
+                t0 = time.perf_counter()
+                await ws.send_str(probe)
+                await ws.receive()
+                if i >= 20:
+                    rtt[t.name].append(time.perf_counter() - t0)
+        for ws in conns.values():
+            await ws.close()
+    rows = []
+    bare = statistics.median(rates["bare aiohttp"]) if "bare aiohttp" in rates else None
+    direct_rtt = statistics.median(rtt["direct"])
+    for t in targets:
+        r = statistics.median(rates[t.name])
+        rows.append([t.name, f"{r:,.0f}", f"{min(rates[t.name]):,.0f}-{max(rates[t.name]):,.0f}",
+                     "-" if t.proc is None else f"{statistics.median(cpu[t.name]):.1f}",
+                     "-" if not bare or t.name in ("direct", "bare aiohttp")
+                     else f"{r / bare:.2f}x",
+                     f"{statistics.median(rtt[t.name]) * 1000:.3f}",
+                     f"{(statistics.median(rtt[t.name]) - direct_rtt) * 1e6 / 2:+.0f}"])
+    return (f"9. WebSocket Realtime sessions ({sessions} concurrent x {frames} frames, 3 runs; "
+            f"round trip p50 over {rounds} interleaved probes)",
+            ["target", "frames/s (median)", "spread", "proxy CPU us / frame", "vs bare",
+             "round trip ms", "added per frame, us (one way)"], rows)
+
+
 async def run(args: argparse.Namespace) -> list[Table]:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -759,6 +866,7 @@ async def run(args: argparse.Namespace) -> list[Table]:
         ("soak", lambda: scenario_soak(targets, args.soak_seconds)),
         ("nonstream", lambda: scenario_nonstream(targets)),
         ("workers", lambda: scenario_workers(targets, upstream)),
+        ("ws", lambda: scenario_ws([t for t in targets if t.name != "litellm"])),
     ]
     try:
         for name, fn in scenarios:
@@ -784,7 +892,7 @@ async def run(args: argparse.Namespace) -> list[Table]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", action="append", choices=["ttft", "hop", "paced", "throughput",
-                                                       "layers", "workers",
+                                                       "layers", "workers", "ws",
                                                        "odd", "memory", "soak", "nonstream"])
     p.add_argument("--paced", type=int, nargs="+", default=[64, 128, 256, 500, 750, 1000])
     p.add_argument("--memory", type=int, nargs="+", default=[100, 500, 1000, 2000])

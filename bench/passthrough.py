@@ -28,7 +28,27 @@ def make_app(upstream: str) -> web.Application:
         yield
         await app[session_key].close()
 
+    async def relay(request: web.Request) -> web.StreamResponse:
+        """The bare WebSocket relay: connect upstream, then pump messages both ways."""
+        async with app[session_key].ws_connect(upstream + request.raw_path,
+                                               max_msg_size=16 * 2**20) as up:
+            ws = web.WebSocketResponse(max_msg_size=16 * 2**20)
+            await ws.prepare(request)
+
+            async def pump(src, dst) -> None:  # type: ignore[no-untyped-def]
+                async for msg in src:
+                    if msg.type is aiohttp.WSMsgType.TEXT:
+                        await dst.send_str(msg.data)
+                    elif msg.type is aiohttp.WSMsgType.BINARY:
+                        await dst.send_bytes(msg.data)
+                await dst.close()
+
+            await asyncio.gather(pump(ws, up), pump(up, ws))
+            return ws
+
     async def handle(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await relay(request)
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
         async with app[session_key].request(request.method, upstream + request.raw_path,

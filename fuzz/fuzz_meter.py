@@ -1,7 +1,9 @@
-"""Coverage-guided fuzzer (atheris) for the frame decoders, every dialect and the meter.
+"""Coverage-guided fuzzer (atheris) for the frame decoders, every dialect, the meter and the
+realtime session meter.
 
 Any bytes in: the decoders may only return frames or FrameError, dialects may only report
-through the sink, and the meter must never raise. Run by hand for long sessions:
+through the sink, and the meters must never raise (the realtime meter reads the input's lines as
+WebSocket messages, alternately from the client and the server). Run by hand for long sessions:
     .venv/bin/python fuzz/fuzz_meter.py -max_total_time=600 fuzz/corpus
 The test suite runs it for a bounded number of inputs (tests/test_fuzz.py).
 """
@@ -24,6 +26,7 @@ with atheris.instrument_imports():
         SSEDecoder,
     )
     from sidecar.meter import Meter
+    from sidecar.realtime import GEMINI, OPENAI, RealtimeMeter
     from sidecar.tokens import Tokenizers
 
 _TOK = Tokenizers()
@@ -41,6 +44,7 @@ def test_one_input(data: bytes) -> None:
     dialect = DIALECTS[_NAMES[fdp.ConsumeIntInRange(0, len(_NAMES) - 1)]]
     tokenizer = _TOKENIZERS[fdp.ConsumeIntInRange(0, 1)]
     gzip_it = fdp.ConsumeBool()
+    protocol = (OPENAI, GEMINI, None)[fdp.ConsumeIntInRange(0, 2)]
     payload = fdp.ConsumeBytes(fdp.remaining_bytes())
 
     dec = _DECODERS[choice](max_frame_size=4096)
@@ -65,6 +69,16 @@ def test_one_input(data: bytes) -> None:
     if min(counts) < 0:
         raise AssertionError(f"negative count in {s}")
     dialect.parse_request("/x", "", payload[:512])
+
+    rt = RealtimeMeter(protocol, None, _TOK.for_model)
+    for i, line in enumerate(payload.split(b"\n")):
+        (rt.client if i % 2 else rt.server)(line if i % 3 else line.decode("utf-8", "replace"))
+        if min(rt.take_live()) < 0:
+            raise AssertionError("negative live count")
+    for st in rt.close():
+        if min(st.input_tokens, st.output_tokens, st.input_audio_tokens or 0,
+               st.output_audio_tokens or 0) < 0:
+            raise AssertionError(f"negative count in {st}")
 
 
 if __name__ == "__main__":

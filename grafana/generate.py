@@ -131,6 +131,18 @@ def overview() -> Board:
         "{{token_type}} ({{source}})")], w=16,
         description="source=reported: the provider's usage frame; estimated: the sidecar's "
                     "count (no usage reported, or the client left).")
+    b.row("Realtime sessions and audio")
+    b.panel("Audio tokens/s by model", [(
+        f"sum by (model, token_type) (rate(llm_tokens_total{{"
+        f'token_type=~"input_audio|output_audio", {SEL}}}[5m]))',
+        "{{model}} {{token_type}}")], stack=True,
+        description="Subsets of input and output, priced apart (several times text); settled "
+                    "per Realtime response or Gemini Live turn.")
+    b.panel("WebSocket sessions/s by outcome", [(
+        f'sum by (outcome) (rate(llm_requests_total{{stream="ws", {SEL}}}[5m]))',
+        "{{outcome}}")], stack=True,
+        description="One WebSocket connection is one request with stream=\"ws\"; it counts "
+                    "in Streams in flight while open.")
     b.row("Cost")
     b.panel("Cost USD/hour by model", [(
         f"sum by (model) (rate(llm_cost_usd_total{{{SEL}}}[5m])) * 3600", "{{model}}")],

@@ -256,6 +256,11 @@ def make_app(
     proxy_app.cleanup_ctx.append(state_ctx)
     proxy_app.router.add_route("*", "/{tail:.*}", handler.handle)
 
+    async def close_sessions(app: web.Application) -> None:
+        await handler.ws.shutdown()  # WebSockets would otherwise hold the shutdown grace
+
+    proxy_app.on_shutdown.append(close_sessions)
+
     async def metrics_view(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -19,11 +19,16 @@ ANONYMOUS = "anonymous"
 UNKNOWN_TEAM = "none"
 
 
+_WS_KEY = "openai-insecure-api-key."
+
+
 def bearer_key(headers: Mapping[str, str], query: str = "") -> str | None:
     """The API key of a request, whichever header (or query parameter) the provider uses. Where
     a request carries several, the one the upstream reads first wins: ``Authorization`` (a
     bearer token, or the password of Basic credentials, else their user name), then
-    ``x-api-key``, ``api-key``, ``x-goog-api-key``, then ``?key=``."""
+    ``x-api-key``, ``api-key``, ``x-goog-api-key``, then a WebSocket subprotocol
+    ``openai-insecure-api-key.<key>`` (browsers cannot set headers on a WebSocket), then
+    ``?key=``."""
     auth = headers.get("Authorization") or headers.get("authorization")
     if auth:
         scheme, _, token = auth.strip().partition(" ")
@@ -42,6 +47,12 @@ def bearer_key(headers: Mapping[str, str], query: str = "") -> str | None:
         value = headers.get(name)
         if value:
             return value.strip()
+    protocols = headers.get("Sec-WebSocket-Protocol")
+    if protocols and _WS_KEY in protocols:
+        for p in protocols.split(","):
+            p = p.strip()
+            if p.startswith(_WS_KEY) and len(p) > len(_WS_KEY):
+                return p[len(_WS_KEY):]
     if query and "key=" in query:
         values = parse_qs(query).get("key")
         if values:

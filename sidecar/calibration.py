@@ -53,15 +53,16 @@ class Calibration:
         return f.value if f is not None else 1.0
 
     def observe(self, model: str | None, token_type: str, raw_estimate: float,
-                reported: int) -> bool:
-        """Learn from one settled request; True if the factor moved."""
+                reported: int, band: tuple[float, float] = RATIO_BAND) -> bool:
+        """Learn from one settled request; True if the factor moved. ``band`` bounds the
+        observed ratio to the current factor that is learned from (outliers are not)."""
         if not model or raw_estimate < MIN_TOKENS or reported < MIN_TOKENS:
             return False
         key = (model, token_type)
         with self._lock:
             f = self._factors.setdefault(key, Factor())
             ratio = reported / (raw_estimate * f.value)
-            if not RATIO_BAND[0] <= ratio <= RATIO_BAND[1]:
+            if not band[0] <= ratio <= band[1]:
                 return False
             target = reported / raw_estimate
             w = min(f.weight, MAX_WEIGHT)

@@ -37,8 +37,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo", help="mock upstream + sidecar + traffic + live view; no key, no network",
-        description="Start a built-in OpenAI-compatible mock upstream, the sidecar in front of "
-                    "it and a little traffic, and show live token counts per model.")
+        description="Start a built-in OpenAI-compatible mock upstream (chat streams, and "
+                    "Realtime voice sessions over WebSocket), the sidecar in front of it and a "
+                    "little traffic, and show live token counts per model.")
     demo.add_argument("--duration", type=float, default=20.0,
                       help="seconds to run, 0 = until Ctrl-C (default 20)")
     demo.add_argument("--workers", type=int, default=4, help="concurrent clients (default 4)")

@@ -81,6 +81,7 @@ class Settings:
     read_timeout: float = 300.0
     max_request_body: int = 32 * 1024 * 1024
     max_frame_size: int = 8 * 1024 * 1024
+    max_ws_message: int = 16 * 1024 * 1024
     tokenizer_cpu: float = 0.25
     escaped_slashes: str = "reject"
     client_disconnect: str = "auto"
@@ -285,6 +286,9 @@ OPTIONS: tuple[Option, ...] = (
            "largest request body accepted, else 413 (default 32MiB)"),
     Option("max_frame_size", "limits.max_frame_size", "SIDECAR_MAX_FRAME_SIZE", _size,
            "largest SSE/NDJSON frame the meter buffers (default 8MiB)"),
+    Option("max_ws_message", "limits.max_ws_message", "SIDECAR_MAX_WS_MESSAGE", _size,
+           "largest WebSocket message relayed, either way; a larger one closes the session "
+           "with 1009 (default 16MiB: OpenAI Realtime accepts 15MiB of audio per message)"),
     Option("tokenizer_cpu", "limits.tokenizer_cpu", "SIDECAR_TOKENIZER_CPU",
            lambda v: _non_negative_float(v),
            "CPU (in cores) exact tokenizing of large texts (1K+ characters in one read) may use; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import itertools
@@ -16,6 +17,7 @@ from aiohttp import web
 
 from .app import default_registry, make_app, start
 from .config import KeyEntry, Settings
+from .mock_realtime import GEMINI_LIVE_PATH
 from .mock_upstream import make_mock_app
 from .tokens import Tokenizers
 from .top import parse, render
@@ -67,6 +69,42 @@ async def _traffic(proxy_url: str, stop: asyncio.Event, seed: int) -> None:
             await asyncio.sleep(rng.uniform(0.05, 0.4))
 
 
+async def _voice(proxy_url: str, stop: asyncio.Event, seed: int) -> None:
+    """Realtime sessions over WebSocket: audio in, a spoken answer out, alternately OpenAI's
+    Realtime protocol and Gemini Live (the mock upstream serves both)."""
+    rng = random.Random(seed)
+    ws_url = proxy_url.replace("http", "ws", 1)
+    async with aiohttp.ClientSession() as session:
+        for turn in itertools.count():
+            if stop.is_set():
+                return
+            audio = base64.b64encode(bytes(rng.randrange(24_000, 96_000))).decode()
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                if turn % 2 == 0:
+                    async with session.ws_connect(
+                            f"{ws_url}/v1/realtime?model=gpt-realtime",
+                            headers={"Authorization": f"Bearer {DEMO_KEYS[1]}"}) as ws:
+                        await ws.send_json({"type": "input_audio_buffer.append",
+                                            "audio": audio})
+                        await ws.send_json({"type": "response.create"})
+                        async for msg in ws:
+                            if isinstance(msg.data, str) and '"response.done"' in msg.data:
+                                break
+                else:
+                    async with session.ws_connect(
+                            f"{ws_url}{GEMINI_LIVE_PATH}?key={DEMO_KEYS[0]}") as ws:
+                        await ws.send_json({"setup": {
+                            "model": "models/gemini-live-2.5-flash-preview"}})
+                        await ws.receive()
+                        await ws.send_json({"realtimeInput": {"audio": {
+                            "data": audio, "mimeType": "audio/pcm;rate=16000"}}})
+                        await ws.send_json({"realtimeInput": {"text": "Any news?"}})
+                        async for msg in ws:
+                            if isinstance(msg.data, bytes) and b"usageMetadata" in msg.data:
+                                break
+            await asyncio.sleep(rng.uniform(1.0, 3.0))
+
+
 async def run_demo(duration: float = 20.0, workers: int = 4, pace: float = 0.04,
                    listen: tuple[str, int] = ("127.0.0.1", 0),
                    metrics_listen: tuple[str, int] = ("127.0.0.1", 0),
@@ -91,6 +129,7 @@ async def run_demo(duration: float = 20.0, workers: int = 4, pace: float = 0.04,
     stop = asyncio.Event()
     tasks = [asyncio.create_task(_traffic(proxy_url, stop, seed), name=f"demo-traffic-{seed}")
              for seed in range(workers)]
+    tasks.append(asyncio.create_task(_voice(proxy_url, stop, workers), name="demo-voice"))
     prev = None
     table = ""
     deadline = time.monotonic() + duration if duration > 0 else None

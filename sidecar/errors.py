@@ -3,6 +3,7 @@ final event that ends a stream cut off at a budget limit."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import orjson
@@ -52,3 +53,15 @@ def stream_error_event(dialect: str, message: str, content_type: str) -> bytes |
     body, _ = error_body(dialect, message)
     done = b"data: [DONE]\n\n" if dialect == "openai" else b""
     return b"data: " + body + b"\n\n" + done
+
+
+def realtime_error_event(protocol: str | None, message: str) -> bytes | None:
+    """The error event a Realtime session gets before the sidecar closes it (OpenAI's server
+    ``error`` event); None where the protocol reports errors only in the close frame (Gemini
+    Live)."""
+    if protocol != "openai-realtime":
+        return None
+    return orjson.dumps({
+        "type": "error", "event_id": "event_sidecar_" + os.urandom(8).hex(),
+        "error": {"type": "invalid_request_error", "code": KIND, "message": message,
+                  "param": None, "event_id": None}})

@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from .dialects.openai import estimate_chat_prompt
+from .mock_realtime import make_realtime_routes
 from .tokens import Tokenizers
 
 ANSWERS = (
@@ -127,4 +128,5 @@ def make_mock_app(pace: float = 0.03, tokenizers: Tokenizers | None = None) -> w
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", chat)
     app.router.add_get("/v1/models", models)
+    make_realtime_routes(app, tokenizers, pace)
     return app

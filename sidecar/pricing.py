@@ -588,14 +588,16 @@ def price_settlement(book: PriceBook, entry: Entry | None, s: Settlement, provid
     return Priced(c.usd, entry.source, entry.label)
 
 
-def live_rates(entry: Entry | None, at: float) -> tuple[float | None, float | None]:
+def live_rates(entry: Entry | None, at: float,
+               keys: tuple[str, str] = ("input_mtok", "output_mtok"),
+               ) -> tuple[float | None, float | None]:
     """USD per input and per output token for live spend while a request streams (the base
-    tier: settlement corrects it)."""
+    tier: settlement corrects it); ``keys`` name other units (audio tokens)."""
     if entry is None:
         return None, None
     rates = entry.rates(at)
     out = []
-    for key in ("input_mtok", "output_mtok"):
+    for key in keys:
         r = rates.get(key)
         out.append(None if r is None else (r.base if isinstance(r, Tiered) else r) / 1e6)
     return out[0], out[1]

@@ -34,6 +34,7 @@ from .pricing import UNPRICED, Entry, PriceBook, Priced, live_rates, price_settl
 from .routing import Target, route, targets
 from .tokens import CountBudget, Tokenizers
 from .usage_inject import UsageChunkFilter, inject
+from .ws import WebSocketRelay, is_upgrade
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -112,6 +113,7 @@ class Proxy:
         self.targets = targets(settings)
         self.zero_counters()
         self.count_budget = CountBudget(settings.tokenizer_cpu) if settings.tokenizer_cpu else None
+        self.ws = WebSocketRelay(self)
 
     def providers(self) -> list[str]:
         """The provider labels the configuration names: each route's own, its upstream host's,
@@ -158,6 +160,8 @@ class Proxy:
             return web.Response(status=404, content_type="application/json",
                                 body=error_body(f"no route for {path}", "invalid_request"))
         upstream_path = canon.path + ("?" + query if query else "")
+        if is_upgrade(request):
+            return await self.ws.handle(request, target, path, upstream_path)
         body = await self._read_body(request)
         if body is None:
             return web.Response(

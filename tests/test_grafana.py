@@ -111,12 +111,29 @@ async def running_stack() -> AsyncIterator[tuple[str, Any]]:
                 i += 1
                 await asyncio.sleep(0.05)
 
+    async def voice() -> None:
+        """Realtime sessions for the audio panels: audio in, one spoken response each."""
+        async with aiohttp.ClientSession() as s:
+            while not stop.is_set():
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with s.ws_connect(proxy + "/v1/realtime?model=gpt-realtime",
+                                            headers={"Authorization": "Bearer sk-voice"}) as ws:
+                        await ws.send_json({"type": "input_audio_buffer.append",
+                                            "audio": "AAAA" * 12_000})
+                        await ws.send_json({"type": "response.create"})
+                        async for msg in ws:
+                            if isinstance(msg.data, str) and '"response.done"' in msg.data:
+                                break
+                await asyncio.sleep(0.3)
+
     task = asyncio.create_task(traffic(), name="grafana-traffic")
+    voice_task = asyncio.create_task(voice(), name="grafana-voice")
     try:
         yield f"127.0.0.1:{running.metrics_port}", apps
     finally:
         stop.set()
         await task
+        await voice_task
         await running.stop()
         await mock.cleanup()
 

@@ -52,14 +52,18 @@ def usage_from(meta: Any) -> Usage | None:
         return None
     prompt = as_int(meta.get("promptTokenCount"))
     tool_prompt = as_int(meta.get("toolUsePromptTokenCount"))
+    # The Live API names the generated tokens response*, generateContent candidates*.
     cand = as_int(meta.get("candidatesTokenCount"))
+    if cand is None:
+        cand = as_int(meta.get("responseTokenCount"))
     thoughts = as_int(meta.get("thoughtsTokenCount"))
     u = Usage(input=sum_ints(prompt, tool_prompt), output=sum_ints(cand, thoughts),
               cached_input=as_int(meta.get("cachedContentTokenCount")), reasoning=thoughts,
               total=as_int(meta.get("totalTokenCount")),
               input_audio=_modality(meta.get("promptTokensDetails"), "AUDIO"),
               cached_audio_input=_modality(meta.get("cacheTokensDetails"), "AUDIO"),
-              output_audio=_modality(meta.get("candidatesTokensDetails"), "AUDIO"),
+              output_audio=_modality(meta.get("candidatesTokensDetails")
+                                     or meta.get("responseTokensDetails"), "AUDIO"),
               service_tier=_TRAFFIC_TIERS.get(str(meta.get("trafficType"))))
     return None if u.empty() else u
 
