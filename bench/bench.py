@@ -150,7 +150,8 @@ def upstream_app() -> web.Application:
         anything else is echoed at once (the latency probe)."""
         ws = web.WebSocketResponse(max_msg_size=16 * 2**20)
         await ws.prepare(request)
-        await ws.send_str(REALTIME_CREATED)
+        if request.path.endswith("/realtime"):
+            await ws.send_str(REALTIME_CREATED)
         async for msg in ws:
             if msg.type is not aiohttp.WSMsgType.TEXT:
                 continue
@@ -166,6 +167,7 @@ def upstream_app() -> web.Application:
 
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/realtime", realtime)
+    app.router.add_get("/v1/echo", realtime)  # a generic WebSocket: relayed, not metered
     return app
 
 
@@ -784,7 +786,7 @@ async def _ws_session(s: aiohttp.ClientSession, url: str, frames: int) -> int:
 
 
 async def scenario_ws(targets: list[Target], sessions: int = 20, frames: int = 2000,
-                      rounds: int = 300) -> Table:
+                      rounds: int = 1000) -> Table:
     """Realtime sessions: frames/s of 20 concurrent sessions (half audio deltas of 4 KiB PCM16,
     half transcript deltas), then the round trip of one small event, targets interleaved."""
     rates: dict[str, list[float]] = {t.name: [] for t in targets}
@@ -800,6 +802,7 @@ async def scenario_ws(targets: list[Target], sessions: int = 20, frames: int = 2
                 wall = time.perf_counter() - w0
                 rates[t.name].append(sum(got) / wall)
                 cpu[t.name].append((t.cpu_seconds() - c0) * 1e6 / sum(got))
+        await asyncio.sleep(2)  # let the sessions above close and settle
         rtt: dict[str, list[float]] = {t.name: [] for t in targets}
         conns = {}
         for t in targets:

@@ -51,6 +51,16 @@ AUDIO_BAND = (0.25, 4.0)
 LARGE_MESSAGE = 64 * 1024
 _PAYLOAD_KEY = re.compile(rb'"(?:audio|delta|data)"\s*:\s*"')
 
+NOTHING = (0, 0, 0, 0)
+# The events that carry audio, in the key order OpenAI sends them: read by two searches, not a
+# JSON parse (anything else, or any other order, takes the general path).
+_AUDIO_DELTA = (b'{"type":"response.output_audio.delta"', b'{"type":"response.audio.delta"')
+_AUDIO_APPEND = b'{"type":"input_audio_buffer.append"'
+_TEXT_DELTA = (b'{"type":"response.output_audio_transcript.delta"',
+               b'{"type":"response.output_text.delta"', b'{"type":"response.text.delta"',
+               b'{"type":"response.audio_transcript.delta"')
+_CONTENT_INDEX = re.compile(rb'"content_index":(\d+)')
+
 # Bytes per second of the formats the APIs accept.
 PCM16_24K = 48_000.0
 G711 = 8_000.0
@@ -103,9 +113,11 @@ def bytes_per_second(fmt: Any, default: float) -> float:
     return default
 
 
-def b64_size(text: str | bytes) -> int:
-    """Decoded size of a base64 string, without decoding it."""
-    n = len(text)
+def b64_size(text: str | bytes, n: int | None = None) -> int:
+    """Decoded size of a base64 string, without decoding it: ``n`` characters ending with
+    ``text`` (by default, all of ``text``)."""
+    if n is None:
+        n = len(text)
     if not n:
         return 0
     pad = 0
@@ -144,6 +156,8 @@ class _Turn:
     usage: Usage | None = None
     status: str | None = None
     first_token_at: float | None = None
+    f_text: float = 1.0  # the output text factor (1 for exact tokenizers)
+    audio_rate: float = 0.0  # output audio tokens per second, learned factor applied
 
 
 class RealtimeMeter:
@@ -183,6 +197,7 @@ class RealtimeMeter:
         self._settled_any = False
         # Live estimates: input text, input audio, output text, output audio.
         self._live = [0.0, 0.0, 0.0, 0.0]
+        self._dirty = False  # _live moved since take_live() last looked
         self._emitted = [0, 0, 0, 0]
         self.settled: list[Settlement] = []
         self._errors_reported = 0
@@ -195,12 +210,26 @@ class RealtimeMeter:
 
     def client(self, data: str | bytes) -> None:
         """A message the client sent (already forwarded)."""
+        if self.protocol == OPENAI and type(data) is bytes and data.startswith(_AUDIO_APPEND):
+            size = _field_size(data, b'"audio":"')
+            if size >= 0:
+                self.messages += 1
+                self._add_fresh(audio_bytes=size)
+                return
         if self.protocol is not None:
             self._dispatch(data, self._openai_client if self.protocol == OPENAI
                            else self._gemini_client, "client")
 
     def server(self, data: str | bytes) -> None:
         """A message the upstream sent (already forwarded)."""
+        if self.protocol == OPENAI and type(data) is bytes:
+            try:
+                if self._openai_fast(data):
+                    self.messages += 1
+                    return
+            except Exception as exc:  # accounting must never break the session
+                self._malformed(f"server message: {type(exc).__name__}")
+                return
         if self.protocol is None:
             if self._sniffed:
                 return
@@ -209,6 +238,30 @@ class RealtimeMeter:
                 return
         self._dispatch(data, self._openai_server if self.protocol == OPENAI
                        else self._gemini_server, "server")
+
+    def _openai_fast(self, data: bytes) -> bool:
+        """The deltas that make most of a session, read by a few searches; False when the
+        message is anything else (or not plainly shaped): the general path reads it."""
+        if data.startswith(_AUDIO_DELTA):
+            rid = _field(data, b'"response_id":"', 256)
+            turn = self._turns.get(rid) if rid is not None else None
+            size = _field_size(data, b'"delta":"') if turn is not None else -1
+            if turn is None or size < 0:
+                return False
+            self._audio_out(turn, size)
+            return True
+        if data.startswith(_TEXT_DELTA):
+            rid = _field(data, b'"response_id":"', 256)
+            turn = self._turns.get(rid) if rid is not None else None
+            delta = _field(data, b'"delta":"') if turn is not None else None
+            if turn is None or delta is None or data.count(b'"delta":"') != 1:
+                return False
+            item = _field(data, b'"item_id":"', 256)
+            m = _CONTENT_INDEX.search(data)
+            self._text_out(turn, (item, int(m.group(1)) if m else None),
+                           delta.encode("latin-1").decode("utf-8"))
+            return True
+        return False
 
     def _dispatch(self, data: str | bytes, handler: Callable[[dict[str, Any], int], None],
                   side: str) -> None:
@@ -223,9 +276,13 @@ class RealtimeMeter:
     def take_live(self) -> tuple[int, int, int, int]:
         """(input text, input audio, output text, output audio) tokens estimated since the
         last call, floored so the live counters never run ahead of the estimate."""
+        if not self._dirty:
+            return NOTHING
+        self._dirty = False
+        live = self._live
         out = []
         for i in range(4):
-            n = int(self._live[i] + 1e-9) - self._emitted[i]
+            n = int(live[i] + 1e-9) - self._emitted[i]
             if n > 0:
                 self._emitted[i] += n
             out.append(max(n, 0))
@@ -326,6 +383,7 @@ class RealtimeMeter:
         self._fresh_audio += audio
         self._live[0] += text_tokens
         self._live[1] += audio
+        self._dirty = True
 
     def _begin(self) -> _Turn:
         """A turn starts: its input is the context so far; what was not live yet becomes live."""
@@ -337,7 +395,11 @@ class RealtimeMeter:
                      else 0.0)
         self._live[0] += base - self._carried_audio
         self._live[1] += self._carried_audio
+        self._dirty = True
         self._fresh = self._fresh_audio = self._fresh_raw_audio = 0.0
+        # The learned factors, read once per turn: its live counts and its estimate agree.
+        turn.f_text = self._factor("output")
+        turn.audio_rate = self._out_rate * self._factor("output_audio")
         return turn
 
     def _text_out(self, turn: _Turn, slot: tuple[Any, ...], text: Any) -> None:
@@ -347,8 +409,10 @@ class RealtimeMeter:
         if c is None:
             c = turn.counters[slot] = self.tokenizer.counter()
         n = c.feed(text)
-        turn.text_out += n
-        self._live[2] += n * self._factor("output")
+        if n:
+            turn.text_out += n
+            self._live[2] += n * turn.f_text
+            self._dirty = True
         self._first_token(turn)
 
     def _audio_out(self, turn: _Turn, nbytes: int) -> None:
@@ -356,7 +420,8 @@ class RealtimeMeter:
             return
         seconds = nbytes / self._out_bps
         turn.audio_out_seconds += seconds
-        self._live[3] += seconds * self._out_rate * self._factor("output_audio")
+        self._live[3] += seconds * turn.audio_rate
+        self._dirty = True
         self._first_token(turn)
 
     def _first_token(self, turn: _Turn) -> None:
@@ -536,12 +601,13 @@ class RealtimeMeter:
     # -- settlement ---------------------------------------------------------------------------
 
     def _settle(self, turn: _Turn, usage: Usage | None) -> None:
-        f_out = self._factor("output")
+        f_out = turn.f_text
         flushed = sum(c.flush() for c in turn.counters.values())
         turn.text_out += flushed
         self._live[2] += flushed * f_out
+        self._dirty = True
         text_est = turn.text_out * f_out
-        audio_est = turn.audio_out_seconds * self._out_rate * self._factor("output_audio")
+        audio_est = turn.audio_out_seconds * turn.audio_rate
         est_out = round(text_est + audio_est)
         est_in = round(turn.input_estimate)
         errors = self.take_errors()
@@ -621,6 +687,34 @@ def realtime_usage(obj: Any) -> Usage | None:
     if u.input is not None and u.output is None:
         u.output = 0  # transcription usage without output (input-only billing)
     return None if u.empty() else u
+
+
+def _field(raw: bytes, key: bytes, cap: int | None = None) -> str | None:
+    """A string value of a flat JSON object, by search (None: not found, or escaped); as
+    Latin-1, so any bytes decode."""
+    i = raw.find(key)
+    if i < 0:
+        return None
+    start = i + len(key)
+    end = raw.find(b'"', start, None if cap is None else start + cap)
+    if end < 0 or raw.find(b"\\", start, end) >= 0:
+        return None
+    return raw[start:end].decode("latin-1")
+
+
+def _field_size(raw: bytes, key: bytes) -> int:
+    """Decoded size of the base64 string value that ends the object (``..."key":"<b64>"}``),
+    without reading the payload: it is often hundreds of KB, and base64 has no quote or
+    backslash (-1: another shape; the general path reads it)."""
+    i = raw.find(key)
+    end = len(raw) - 2
+    if i < 0 or not raw.endswith(b'"}'):
+        return -1
+    start = i + len(key)
+    if end < start or raw.find(b'"', max(start, end - 64), end) >= 0 \
+            or raw.find(b"\\", max(start, end - 64), end) >= 0:
+        return -1
+    return b64_size(raw[max(start, end - 2):end], end - start)
 
 
 def _b64_field(value: Any) -> int:

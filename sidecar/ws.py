@@ -28,6 +28,7 @@ from .errors import realtime_error_event
 from .ledger import Charge, exhausted
 from .meter import Settlement
 from .pricing import UNPRICED, Entry, live_rates, price_settlement
+from .realtime import NOTHING
 from .routing import Target
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ _HANDSHAKE = frozenset(("sec-websocket-key", "sec-websocket-version", "sec-webso
 _NOT_SENDABLE = frozenset((0, 1004, 1005, 1006, 1015))
 _NORMAL = frozenset((1000, 1001, 1005))
 CLOSE_TIMEOUT = 10.0
+IDLE_CHECKS = 4
 
 
 def is_upgrade(request: web.Request) -> bool:
@@ -84,7 +86,7 @@ class _Session:
     book: Any = field(repr=False)
     client: web.WebSocketResponse[Any] | None = None
     upstream: aiohttp.ClientWebSocketResponse[Any] | None = None
-    last: float = 0.0  # last message either way (idle timeout)
+    relayed: int = 0  # messages and control frames relayed either way (the idle watchdog)
     ending: bool = False
     shutdown: bool = False
     status: int = 101
@@ -93,6 +95,10 @@ class _Session:
     close_code: int | None = None  # the code that ended the session, from whichever side
     closed_by: str | None = None  # client | upstream | sidecar
     in_flight: Any = None  # the labelled in-flight gauge child
+    live_in: Any = None  # the labelled live counters, resolved once per model label
+    live_out: Any = None
+    seen_model: str | None = None  # the meter's model when the labels were last checked
+    cut_off: tuple[Any, ...] = ()  # block budgets that end sessions mid-way
     rates: tuple[float | None, ...] = (None, None, None, None)
     tokens: int = 0  # settled so far
     usd: float = 0.0
@@ -135,8 +141,10 @@ class WebSocketRelay:
             provider=provider, model=m.model_label(model), meter=meter,
             charge=Charge(budgets, blocking=tuple(b for b in budgets if b.action == "block")),
             entry=book.resolve(provider, model, strict=target.provider_known),
-            strict_provider=target.provider_known, book=book, last=t0)
+            strict_provider=target.provider_known, book=book)
         self._rates(s)
+        s.seen_model = model
+        s.cut_off = tuple(b for b in s.charge.blocking if b.cut_off_streams)
         blocked = exhausted(p.ledger, s.charge.blocking, p.wall())
         if blocked is not None:
             message = f"budget {blocked.name!r} is exhausted for this window"
@@ -248,12 +256,15 @@ class WebSocketRelay:
         pending: set[asyncio.Task[tuple[str, Any, Any]]] = {c2u, u2c}
         done: set[asyncio.Task[tuple[str, Any, Any]]] = set()
         try:
-            while not done:
-                wait = s.last + idle - self.p.clock()
-                if wait <= 0:
-                    break
-                done, pending = await asyncio.wait(pending, timeout=wait,
+            # Idle: nothing relayed either way over IDLE_CHECKS looks spanning timeouts.read
+            # (so the timeout is enforced within a quarter of it, and the pumps never read a
+            # clock per message).
+            seen, quiet = -1, 0
+            while not done and quiet < IDLE_CHECKS:
+                done, pending = await asyncio.wait(pending, timeout=idle / IDLE_CHECKS,
                                                    return_when=asyncio.FIRST_COMPLETED)
+                quiet = quiet + 1 if s.relayed == seen else 0
+                seen = s.relayed
             s.ending = True
             if not done:
                 s.outcome, s.error = "timeout", "no message either way past timeouts.read"
@@ -281,29 +292,26 @@ class WebSocketRelay:
         (``close`` with code and reason; ``gone`` when either side vanished; ``cut``)."""
         meter = s.meter
         feed = meter.client if from_client else meter.server
-        clock = self.p.clock
+        account = self._account
+        text, binary = WSMsgType.TEXT, WSMsgType.BINARY
+        n = 0
         try:
             while not s.ending:
                 msg = await src.receive()
                 t = msg.type
-                if t is WSMsgType.TEXT or t is WSMsgType.BINARY:
-                    s.last = clock()
+                s.relayed += 1
+                if t is text or t is binary:
                     await dst.send_frame(msg.data, t)
-                    if from_client:
-                        s.messages_in += 1
-                    else:
-                        s.messages_out += 1
-                    if meter.active or not from_client:
+                    n += 1
+                    if meter.protocol is not None or not from_client:
                         feed(msg.data)
-                        if meter.active:
-                            cut = self._account(s)
+                        if meter.protocol is not None:
+                            cut = account(s)
                             if cut is not None:
                                 return "cut", cut, None
                 elif t is WSMsgType.PING:
-                    s.last = clock()
                     await dst.ping(msg.data)
                 elif t is WSMsgType.PONG:
-                    s.last = clock()
                     await dst.pong(msg.data)
                 elif t is WSMsgType.CLOSE:
                     return "close", msg.data, msg.extra
@@ -313,6 +321,11 @@ class WebSocketRelay:
                     return "gone", None, None
         except (ConnectionError, RuntimeError, aiohttp.ClientError, OSError) as exc:
             return "gone", exc, "write"
+        finally:
+            if from_client:
+                s.messages_in += n
+            else:
+                s.messages_out += n
         return "gone", None, None
 
     async def _after(self, request: web.Request, s: _Session, from_client: bool,
@@ -395,28 +408,34 @@ class WebSocketRelay:
         block budget a session with cut_off_streams just crossed, if any."""
         meter = s.meter
         p = self.p
-        m = p.metrics
-        if meter.model and m.model_label(meter.model) != s.model:
-            self._relabel(s, m.model_label(meter.model))
+        if meter.model is not s.seen_model:
+            s.seen_model = meter.model
+            label = p.metrics.model_label(meter.model)
+            if label != s.model:
+                self._relabel(s, label)
         if s.in_flight is None and s in self.sessions:
             self._track(s)
         live = meter.take_live()
-        if any(live):
+        if live is not NOTHING:
             i = live[0] + live[1]
             o = live[2] + live[3]
             if i:
-                m.c_live(s.provider, s.model, "input", s.key, s.team).inc(i)
+                if s.live_in is None:
+                    s.live_in = p.metrics.c_live(s.provider, s.model, "input", s.key, s.team)
+                s.live_in.inc(i)
             if o:
-                m.c_live(s.provider, s.model, "output", s.key, s.team).inc(o)
+                if s.live_out is None:
+                    s.live_out = p.metrics.c_live(s.provider, s.model, "output", s.key,
+                                                  s.team)
+                s.live_out.inc(o)
             if s.charge.budgets:
                 usd = sum(n * r for n, r in zip(live, s.rates, strict=True) if r is not None)
                 s.charge.add(p.ledger, i + o, usd, p.wall())
         if meter.settled:
             for st in meter.take_settled():
                 self._settle(s, st)
-        cut = tuple(b for b in s.charge.blocking if b.cut_off_streams)
-        if cut:
-            return exhausted(p.ledger, cut, p.wall())
+        if s.cut_off:
+            return exhausted(p.ledger, s.cut_off, p.wall())
         return None
 
     def _track(self, s: _Session) -> None:
@@ -430,6 +449,7 @@ class WebSocketRelay:
             s.in_flight = self.p.metrics.c_in_flight(s.provider, model)
             s.in_flight.inc()
         s.model = model
+        s.live_in = s.live_out = None
         s.entry = s.book.resolve(s.provider, s.meter.model, strict=s.strict_provider) \
             or s.entry
         self._rates(s)

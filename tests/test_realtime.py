@@ -270,3 +270,31 @@ def test_no_message_sequence_raises(tokenizers: Tokenizers, messages: list[tuple
         assert all(n >= 0 for n in m.take_live())
     for s in m.close():
         assert s.input_tokens >= 0 and s.output_tokens >= 0
+
+
+def test_the_delta_fast_path_counts_what_the_general_reader_counts(meter_for) -> None:  # type: ignore[no-untyped-def]
+    """OpenAI's key order takes a few searches; any other order (or an escape) takes the JSON
+    parser: the counts must not depend on which, even when one session mixes both."""
+    fast, general = meter_for(), meter_for()
+    words = ["Hel", "lo", " wörld", ", \u4f60\u597d", " again and", " again"]
+    for m, always in ((fast, False), (general, True)):
+        m.server(ev(type="response.created", response={"id": "r1"}))
+        for i, w in enumerate(words * 20):
+            kind = "response.output_audio_transcript.delta"
+            fields = {"type": kind, "event_id": f"e{i}", "response_id": "r1",
+                      "item_id": "it", "output_index": 0, "content_index": 0, "delta": w}
+            reorder = always or i % 3 == 0
+            if reorder:
+                fields = dict(reversed(list(fields.items())))
+            m.server(orjson.dumps(fields))
+            audio_fields = {"type": "response.output_audio.delta", "event_id": f"a{i}",
+                            "response_id": "r1", "item_id": "it", "output_index": 0,
+                            "content_index": 0,  # sizes with and without base64 padding
+                            "delta": base64.b64encode(bytes(2400 * (i % 3 + 1) + i % 3)).decode()}
+            if reorder:
+                audio_fields = dict(reversed(list(audio_fields.items())))
+            m.server(orjson.dumps(audio_fields))
+    assert fast.take_live() == general.take_live() != (0, 0, 0, 0)
+    a, b = fast.close()[0], general.close()[0]
+    assert (a.output_tokens, a.output_audio_tokens) == (b.output_tokens, b.output_audio_tokens)
+    assert fast.frame_errors == general.frame_errors == 0
