@@ -116,6 +116,7 @@ class Meter:
         self.streamed = False
         self._counters: dict[tuple[Any, ...], TextCounter] = {}
         self._reasoning_slots: set[tuple[Any, ...]] = set()
+        self.kinds: set[str] = set()  # kinds of text seen (content, reasoning, tool)
         # Learned corrections for models without a public tokenizer (1.0 otherwise).
         self.output_scale = 1.0
         self.input_scale = 1.0
@@ -303,6 +304,7 @@ class Meter:
             self._pending[slot] = [text]
             if slot not in self._counters:
                 self._counters[slot] = self.tokenizer.counter()
+                self.kinds.add(kind)
                 if kind == REASONING:
                     self._reasoning_slots.add(slot)
         else:

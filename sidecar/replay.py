@@ -7,6 +7,7 @@ would. The summary groups files by folder (in the shared fixture layout, one fol
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections import defaultdict
@@ -19,7 +20,7 @@ from typing import Any, TextIO
 import orjson
 
 from .dialects import get_dialect, provider_for
-from .dialects.base import RequestInfo
+from .dialects.base import REASONING, TOOL, RequestInfo
 from .meter import Meter
 from .pricing import PROVIDER_IDS, UNLISTED, PriceBook, price_book, price_settlement
 from .tokens import Tokenizers
@@ -76,6 +77,7 @@ class Result:
     source: str
     frame_errors: int
     provider: str = ""
+    kind: str = "text"  # tool (tool-call text seen), reasoning (reasoning reported or seen), text
     cost_usd: float | None = None  # None: unpriced
     price_source: str | None = None
     priced_as: str | None = None
@@ -151,7 +153,9 @@ def replay_file(path: Path, tokenizers: Tokenizers, dialect_name: str | None = N
         estimated_input=s.estimated_input_tokens if info.body is not None else None,
         estimated_output=s.estimated_output_tokens, settled_input=s.input_tokens,
         settled_output=s.output_tokens, source=s.source, frame_errors=s.frame_errors,
-        provider=label, cost_usd=priced.usd if priced else None,
+        provider=label, kind=TOOL if TOOL in meter.kinds else (
+            REASONING if REASONING in meter.kinds or r.reasoning else "text"),
+        cost_usd=priced.usd if priced else None,
         price_source=priced.source if priced else None,
         priced_as=priced.priced_as if priced else None)
 
@@ -172,26 +176,51 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{(x - 1) * 100:+.1f}%"
 
 
+def _p90(values: list[float]) -> float | None:
+    """Nearest-rank 90th percentile."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
+
+
+def _errors(rs: list[Result]) -> dict[str, float | None]:
+    out = [abs(r.output_ratio - 1) for r in rs if r.output_ratio is not None]
+    inp = [abs(r.input_ratio - 1) for r in rs if r.input_ratio is not None]
+    return {"output_estimate_median_abs_error": median(out) if out else None,
+            "output_estimate_p90_abs_error": _p90(out),
+            "input_estimate_median_abs_error": median(inp) if inp else None,
+            "input_estimate_p90_abs_error": _p90(inp)}
+
+
 def summarize(results: list[Result]) -> list[dict[str, Any]]:
-    """Per group: files, how many reported usage, and the estimate's error against it."""
+    """Per group: files, how many reported usage, and the estimate's error against it (median
+    and 90th percentile of |estimate / reported - 1|)."""
     groups: dict[str, list[Result]] = defaultdict(list)
     for r in results:
         groups[r.group].append(r)
     rows = []
     for group, rs in sorted(groups.items()):
-        out = [abs(r.output_ratio - 1) for r in rs if r.output_ratio is not None]
-        inp = [abs(r.input_ratio - 1) for r in rs if r.input_ratio is not None]
         rows.append({
             "group": group, "files": len(rs),
             "with_usage": sum(1 for r in rs if r.reported_output is not None),
-            "output_estimate_median_abs_error": median(out) if out else None,
-            "input_estimate_median_abs_error": median(inp) if inp else None,
+            **_errors(rs),
             "frame_errors": sum(r.frame_errors for r in rs),
         })
     return rows
 
 
-def render(results: list[Result], summary: list[dict[str, Any]]) -> str:
+def by_kind(results: list[Result]) -> list[dict[str, Any]]:
+    """The same errors over all files, split into text, tool-call and reasoning streams."""
+    kinds: dict[str, list[Result]] = defaultdict(list)
+    for r in results:
+        kinds[r.kind].append(r)
+    return [{"kind": k, "files": len(rs), **_errors(rs)}
+            for k, rs in sorted(kinds.items())]
+
+
+def render(results: list[Result], summary: list[dict[str, Any]],
+           kinds: list[dict[str, Any]] | None = None) -> str:
     lines = [f"{'file':<58}{'dialect':<17}{'rep in':>8}{'est in':>8}{'rep out':>9}"
              f"{'est out':>9}{'out err':>9}{'cost USD':>12}"]
     for r in results:
@@ -201,16 +230,27 @@ def render(results: list[Result], summary: list[dict[str, Any]]) -> str:
             f"{name:<58}{r.dialect:<17}{_fmt(r.reported_input):>8}{_fmt(r.estimated_input):>8}"
             f"{_fmt(r.reported_output):>9}{r.estimated_output:>9}{_pct(r.output_ratio):>9}"
             f"{usd:>12}")
-    lines += ["", "out err: estimate vs reported output minus reasoning the stream never showed; "
-                  "medians per folder", "",
-              f"{'provider (folder)':<20}{'files':>6}{'usage':>7}{'out |err|':>11}"
-              f"{'in |err|':>10}{'frame errs':>12}"]
+    lines += ["", "out err: estimate vs reported output minus reasoning the stream never showed",
+              "p50, p90: of |estimate / reported - 1|, per folder and per stream kind (tool: "
+              "tool-call text seen; reasoning: reasoning reported or seen)", "",
+              f"{'provider (folder)':<20}{'files':>6}{'usage':>7}{'out p50':>9}{'out p90':>9}"
+              f"{'in p50':>8}{'in p90':>8}{'frame errs':>12}"]
     for row in summary:
-        lines.append(
-            f"{row['group']:<20}{row['files']:>6}{row['with_usage']:>7}"
-            f"{_abs(row['output_estimate_median_abs_error']):>11}"
-            f"{_abs(row['input_estimate_median_abs_error']):>10}{row['frame_errors']:>12}")
+        lines.append(f"{row['group']:<20}{row['files']:>6}{row['with_usage']:>7}" + _cols(row)
+                     + f"{row['frame_errors']:>12}")
+    if kinds:
+        lines += ["", f"{'stream kind':<20}{'files':>6}{'':>7}{'out p50':>9}{'out p90':>9}"
+                      f"{'in p50':>8}{'in p90':>8}"]
+        for row in kinds:
+            lines.append(f"{row['kind']:<20}{row['files']:>6}{'':>7}" + _cols(row))
     return "\n".join(lines)
+
+
+def _cols(row: dict[str, Any]) -> str:
+    return (f"{_abs(row['output_estimate_median_abs_error']):>9}"
+            f"{_abs(row['output_estimate_p90_abs_error']):>9}"
+            f"{_abs(row['input_estimate_median_abs_error']):>8}"
+            f"{_abs(row['input_estimate_p90_abs_error']):>8}")
 
 
 def _fmt(v: int | None) -> str:
@@ -236,9 +276,11 @@ def main(paths: list[str], *, as_json: bool = False, dialect: str | None = None,
     results = [replay_file(f, tokenizers, dialect, chunk, prices=book, provider=provider,
                            model=model) for f in files]
     summary = summarize(results)
+    kinds = by_kind(results)
     if as_json:
-        stream.write(orjson.dumps({"files": [asdict(r) for r in results], "summary": summary},
+        stream.write(orjson.dumps({"files": [asdict(r) for r in results], "summary": summary,
+                                   "by_kind": kinds},
                                   option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        stream.write(render(results, summary) + "\n")
+        stream.write(render(results, summary, kinds) + "\n")
     return 0

@@ -46,8 +46,30 @@ def test_replay_own_files_json(tmp_path: Path) -> None:
     assert one["estimated_input"] == 8 and one["source"] == "reported"
     assert data["summary"] == [{"group": "myprov", "files": 2, "with_usage": 1,
                                 "output_estimate_median_abs_error": 0.0,
+                                "output_estimate_p90_abs_error": 0.0,
                                 "input_estimate_median_abs_error": pytest.approx(3 / 11),
+                                "input_estimate_p90_abs_error": pytest.approx(3 / 11),
                                 "frame_errors": 0}]
+    assert [(k["kind"], k["files"]) for k in data["by_kind"]] == [("text", 2)]
+
+
+def test_percentiles_and_kinds() -> None:
+    from sidecar.replay import Result, _p90, by_kind
+
+    assert _p90([0.1, 0.5, 0.2, 0.3, 0.05, 0.0, 0.4, 0.25, 0.15, 0.9]) == 0.5
+    assert _p90([0.3]) == 0.3 and _p90([]) is None
+
+    def res(kind: str, est: int, rep: int) -> Result:
+        return Result(file=kind, group="g", dialect="openai", model=None, reported_input=None,
+                      reported_output=rep, hidden_reasoning=0, estimated_input=None,
+                      estimated_output=est, settled_input=0, settled_output=rep,
+                      source="reported", frame_errors=0, kind=kind)
+
+    rows = {r["kind"]: r for r in by_kind([res("tool", 5, 10), res("tool", 9, 10),
+                                           res("text", 10, 10)])}
+    assert rows["tool"]["output_estimate_median_abs_error"] == pytest.approx(0.3)
+    assert rows["tool"]["output_estimate_p90_abs_error"] == pytest.approx(0.5)
+    assert rows["text"]["output_estimate_p90_abs_error"] == 0.0
 
 
 def test_replay_cli_table_and_no_files(tmp_path: Path,
