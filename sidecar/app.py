@@ -28,6 +28,7 @@ from prometheus_client import (
 )
 
 from .attribution import Attributor
+from .budgets import Status
 from .calibration import Calibration
 from .config import ConfigError, Settings, load_settings
 from .ledger import Ledger
@@ -101,6 +102,18 @@ class ConcurrencyLimit:
             return result
         finally:
             self.active -= 1
+
+
+def budgets_response(request: web.Request, settings: Settings, statuses: list[Status],
+                     reloads: list[str]) -> web.Response:
+    """GET /budgets (one process, or the supervisor of --workers): behind admin_token if set."""
+    token = settings.admin_token
+    if token is not None:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.reveal().encode()):
+            return web.json_response({"error": "admin token required"}, status=401)
+    return web.json_response({"budgets": [st.as_json() for st in statuses],
+                              "reloads": reloads}, dumps=lambda o: orjson.dumps(o).decode())
 
 
 def policy_for(settings: Settings) -> Policy:
@@ -274,15 +287,7 @@ def make_app(
         return web.json_response({"status": "starting"}, status=503)
 
     async def budgets_view(request: web.Request) -> web.Response:
-        token = settings.admin_token
-        if token is not None:
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), token.reveal().encode()):
-                return web.json_response({"error": "admin token required"}, status=401)
-        now = wall()
-        return web.json_response({"budgets": [st.as_json() for st in ledger.statuses(now)],
-                                  "reloads": apps.reloads},
-                                 dumps=lambda o: orjson.dumps(o).decode())
+        return budgets_response(request, settings, ledger.statuses(wall()), apps.reloads)
 
     apps.metrics.router.add_get("/metrics", metrics_view)
     apps.metrics.router.add_get("/healthz", healthz)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import shutil
@@ -27,7 +26,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from .config import ConfigError, Settings, load_settings
@@ -170,6 +168,7 @@ async def supervise(settings: Settings, argv: Sequence[str],
     )
     from prometheus_client import multiprocess as mp
 
+    from .app import budgets_response
     from .ledger import Ledger
     from .metrics import BudgetCollector
     from .pricing import price_book
@@ -246,14 +245,7 @@ async def supervise(settings: Settings, argv: Sequence[str],
         return web.json_response(body, status=200 if ready == settings.workers else 503)
 
     async def budgets_view(request: web.Request) -> web.Response:
-        token = settings.admin_token
-        if token is not None:
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), token.reveal().encode()):
-                return web.json_response({"error": "admin token required"}, status=401)
-        return web.json_response(
-            {"budgets": [st.as_json() for st in ledger.statuses(time.time())],
-             "reloads": reloads}, dumps=lambda o: orjson.dumps(o).decode())
+        return budgets_response(request, settings, ledger.statuses(time.time()), reloads)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics_view)
