@@ -18,6 +18,10 @@ RATIO_BAND = (0.5, 2.0)
 MAX_WEIGHT = 50_000.0
 # Requests smaller than this say more about framing overhead than about the tokenizer.
 MIN_TOKENS = 20
+# Additive overheads (structure.py): observations after which the mean stops moving faster,
+# and after which an observation far from the mean is an outlier (not learned from).
+OFFSET_MAX_SAMPLES = 50
+OFFSET_SETTLED = 3
 
 
 @dataclass(slots=True)
@@ -48,6 +52,10 @@ class Calibration:
                 if ours is None or theirs.samples > ours.samples:
                     self._factors[key] = Factor(theirs.value, theirs.weight, theirs.samples)
 
+    def learned(self, model: str | None, token_type: str) -> bool:
+        f = self._factors.get((model or "", token_type))
+        return f is not None and f.samples > 0
+
     def factor(self, model: str | None, token_type: str) -> float:
         f = self._factors.get((model or "", token_type))
         return f.value if f is not None else 1.0
@@ -68,6 +76,30 @@ class Calibration:
             w = min(f.weight, MAX_WEIGHT)
             f.value = (f.value * w + target * reported) / (w + reported)
             f.weight = w + reported
+            f.samples += 1
+            self.dirty = True
+            return True
+
+    def offset(self, model: str | None, kind: str) -> float | None:
+        """A learned additive overhead (tokens), or None when nothing was learned."""
+        f = self._factors.get((model or "", kind))
+        return f.value if f is not None and f.samples else None
+
+    def observe_offset(self, model: str | None, kind: str, value: float,
+                       bounds: tuple[float, float]) -> bool:
+        """Learn an additive overhead: a running mean over the last ``OFFSET_MAX_SAMPLES``
+        observations within ``bounds``; once settled, an observation further from the mean
+        than the mean itself (and more than 10 tokens) is an outlier and ignored."""
+        if not model or not bounds[0] <= value <= bounds[1]:
+            return False
+        key = (model, kind)
+        with self._lock:
+            f = self._factors.setdefault(key, Factor(value=0.0))
+            if f.samples >= OFFSET_SETTLED and abs(value - f.value) > max(10.0, f.value):
+                return False
+            n = min(f.weight, OFFSET_MAX_SAMPLES)
+            f.value = (f.value * n + value) / (n + 1)
+            f.weight = n + 1
             f.samples += 1
             self.dirty = True
             return True

@@ -15,9 +15,19 @@ from typing import Any
 
 import orjson
 
-from .dialects.base import REASONING, Dialect, RequestInfo, Usage
+from .dialects.base import REASONING, TOOL, Dialect, RequestInfo, Usage
 from .dialects.fastlane import raw_event
 from .frames import Decoder, FrameError, SSEDecoder, decoder_for
+from .structure import (
+    InputObservation,
+    InputOverheads,
+    Observation,
+    Overheads,
+    input_overheads,
+    overheads,
+    thinking_requested,
+    tool_definitions,
+)
 from .tokens import CountBudget, TextCounter, Tokenizer
 
 # A slot's text of one read at least this long is "large": its exact count may be refused by
@@ -109,6 +119,12 @@ class Meter:
         self.reported = Usage()
         self.prompt_estimate = 0
         self.raw_prompt_estimate = 0
+        self.prompt_tools = 0  # tool definitions in the request
+        self.prompt_thinking = False  # the request turns extended thinking on
+        body = info.body
+        self.tool_choice = body.get("tool_choice") if isinstance(body, dict) else None
+        self.input_overheads: InputOverheads = input_overheads(
+            None, info.model, dialect.name, self.tool_choice)
         self.frame_errors = 0
         self.error_message: str | None = None
         self.finish: str | None = None
@@ -121,6 +137,14 @@ class Meter:
         self.output_scale = 1.0
         self.input_scale = 1.0
         self._committed: float = 0  # raw output tokens committed by the counters
+        # Structure the text does not show (structure.py): answers and tool calls seen, and
+        # the tokens they add (set by the proxy from what the deployment learned).
+        self.overheads: Overheads = overheads(None, info.model)
+        self.answers = 0
+        self.calls = 0
+        self._choices: set[Any] | None = set() if getattr(dialect, "multi_choice", False) \
+            else None
+        self._structure: float = 0
         self._emitted = 0  # scaled output tokens handed to the live counter
         self._ended = False
         self._decoder: Decoder | None = None
@@ -145,7 +169,10 @@ class Meter:
         try:
             raw = self.dialect.estimate_prompt(self.info, self.tokenizer)
             self.raw_prompt_estimate = raw
-            self.prompt_estimate = round(raw * self.input_scale)
+            self.prompt_tools = len(tool_definitions(self.info.body))
+            self.prompt_thinking = thinking_requested(self.info.body)
+            self.prompt_estimate = round(raw * self.input_scale + self.input_overheads.tokens(
+                self.prompt_tools, self.prompt_thinking))
         except Exception:  # a body we cannot read must not break the request
             self.malformed("request body could not be estimated")
             self.prompt_estimate = 0
@@ -266,7 +293,7 @@ class Meter:
         Mid-stream the scaled total is floored, so the live counter never runs ahead of the
         final estimate; at the end it is rounded, exactly as the settlement rounds it.
         """
-        scaled = self._committed * self.output_scale
+        scaled = self._committed * self.output_scale + self._structure
         total = round(scaled) if self._ended else int(scaled + 1e-9)
         n = total - self._emitted
         if n <= 0:
@@ -299,6 +326,9 @@ class Meter:
     def text(self, slot: tuple[Any, ...], kind: str, text: str) -> None:
         if self._probe is not None:
             self._probe.append((slot, kind, text))
+        if kind == TOOL and slot[-1] == "name":  # dialects send a call's name once, at its start
+            self.calls += 1
+            self._structure = self.overheads.tokens(self.answers, self.calls)
         parts = self._pending.get(slot)
         if parts is None:
             self._pending[slot] = [text]
@@ -307,10 +337,24 @@ class Meter:
                 self.kinds.add(kind)
                 if kind == REASONING:
                     self._reasoning_slots.add(slot)
+                self._new_answer(slot)
         else:
             parts.append(text)
         if self.first_token_at is None:
             self.first_token_at = self._clock()
+
+    def _new_answer(self, slot: tuple[Any, ...]) -> None:
+        """One answer per response; per choice where the format has several (OpenAI ``n``)."""
+        choices = self._choices
+        if choices is None:
+            if self.answers:
+                return
+        elif slot[0] in choices:
+            return
+        else:
+            choices.add(slot[0])
+        self.answers += 1
+        self._structure = self.overheads.tokens(self.answers, self.calls)
 
     def _count_pending(self) -> None:
         if self._pending:
@@ -366,13 +410,58 @@ class Meter:
         return sum(c.total for c in self._counters.values())
 
     @property
+    def structure_tokens(self) -> float:
+        """Tokens of answer framing and tool-call syntax the text does not show."""
+        return self.overheads.tokens(self.answers, self.calls)
+
+    @property
     def estimated_output(self) -> int:
-        return round(self.raw_estimated_output * self.output_scale)
+        return round(self.raw_estimated_output * self.output_scale + self.structure_tokens)
 
     @property
     def estimated_reasoning(self) -> int:
         return round(sum(self._counters[s].total for s in self._reasoning_slots)
                      * self.output_scale)
+
+    # Reported reasoning more than this many times the reasoning text the stream showed was
+    # not shown (a summary, or nothing): the estimate cannot see it.
+    SUMMARY_RATIO = 2.0
+
+    @property
+    def hidden_reasoning(self) -> int:
+        """Reported reasoning tokens whose text the stream never showed (0 when it showed it,
+        or when no reasoning was reported)."""
+        reported = self.reported.reasoning
+        if not reported:
+            return 0
+        seen = sum(self._counters[s].total for s in self._reasoning_slots) * self.output_scale
+        return reported if seen * self.SUMMARY_RATIO < reported else 0
+
+    def observation(self) -> Observation | None:
+        """What this response teaches the estimator (None without reported output): the
+        visible text and its structure against the reported output net of hidden reasoning."""
+        r = self.reported
+        if r.output is None:
+            return None
+        hidden = self.hidden_reasoning
+        raw = self.raw_estimated_output
+        if hidden:  # a reasoning summary is not what was billed: leave it out of both sides
+            raw -= sum(self._counters[s].total for s in self._reasoning_slots)
+        return Observation(model=self.model_name, raw_text=raw, exact=self.tokenizer.exact,
+                           answers=self.answers, calls=self.calls,
+                           visible_output=max(r.output - hidden, 0),
+                           plain=not (self.calls or self._reasoning_slots or r.reasoning
+                                      or TOOL in self.kinds))
+
+    def input_observation(self) -> InputObservation | None:
+        """What this request teaches the prompt estimator (None without reported input)."""
+        r = self.reported
+        if r.input is None or not self.raw_prompt_estimate:
+            return None
+        return InputObservation(model=self.model_name, api=self.dialect.name,
+                                raw_text=self.raw_prompt_estimate, exact=self.tokenizer.exact,
+                                tools=self.prompt_tools, tool_choice=self.tool_choice,
+                                reported=r.input, thinking=self.prompt_thinking)
 
     def settle(self, billable: bool = True) -> Settlement:
         """The final counts. ``billable=False`` (the provider never answered, or refused the

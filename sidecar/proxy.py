@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import unquote
 
@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from . import structure
 from .attribution import Attributor, bearer_key, redact
 from .calibration import Calibration
 from .config import Settings
@@ -192,9 +193,12 @@ class Proxy:
         meter = Meter(dialect, info, tokenizer, self.clock,
                       max_frame_size=self.settings.max_frame_size, budget=self.count_budget)
         model = m.model_label(info.model)
+        meter.overheads = structure.overheads(self.calibration, model)
+        meter.input_overheads = structure.input_overheads(self.calibration, model, dialect.name,
+                                                          meter.tool_choice)
         if not tokenizer.exact:
-            meter.output_scale = self.calibration.factor(model, "output")
-            meter.input_scale = self.calibration.factor(model, "input")
+            meter.output_scale = structure.scale(self.calibration, model, "output")
+            meter.input_scale = structure.scale(self.calibration, model, "input")
         budgets = self.ledger.matching({"key": ident.key, "team": ident.team,
                                         "model": info.model or "", "provider": provider})
         book = self.policy.prices
@@ -462,14 +466,12 @@ class Proxy:
 
     def _learn(self, meter: Meter, model: str) -> None:
         """Feed the calibration with what this request showed (visible text only)."""
-        r = meter.reported
-        if r.output is not None:
-            visible = r.output
-            if r.reasoning and not meter.saw_reasoning:
-                visible -= r.reasoning  # hidden reasoning is not text the estimate could see
-            self.calibration.observe(model, "output", meter.raw_estimated_output, visible)
-        if r.input is not None and meter.raw_prompt_estimate:
-            self.calibration.observe(model, "input", meter.raw_prompt_estimate, r.input)
+        obs = meter.observation()
+        if obs is not None:
+            structure.learn(self.calibration, replace(obs, model=model))
+        given = meter.input_observation()
+        if given is not None:
+            structure.learn_input(self.calibration, replace(given, model=model))
 
 
 @dataclass(slots=True)

@@ -8,6 +8,7 @@ import aiohttp
 import orjson
 
 from sidecar.config import Route
+from sidecar.structure import SEEDS
 
 from .conftest import Script, StackFactory, chat_chunks, sse
 
@@ -91,7 +92,8 @@ async def test_learned_factors_survive_restart(stack_factory: StackFactory,
     stack = await stack_factory(state=state)
     tok = stack.apps.handler.tokenizers.for_model("glm-4.7")
     raw = tok.weigh(text)
-    reported = round(raw * 1.3)
+    # the tokenizer factor is learned on the text net of the answer's framing (structure.py)
+    reported = round(raw * 1.3 + SEEDS["glm"].answer)
     body = chat_chunks(text, 7, model="glm-4.7", usage={
         "prompt_tokens": 30, "completion_tokens": reported, "total_tokens": 30 + reported})
     sid = stack.upstream.add(Script(chunks=[body]))

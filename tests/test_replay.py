@@ -47,9 +47,13 @@ def test_replay_own_files_json(tmp_path: Path) -> None:
     assert data["summary"] == [{"group": "myprov", "files": 2, "with_usage": 1,
                                 "output_estimate_median_abs_error": 0.0,
                                 "output_estimate_p90_abs_error": 0.0,
+                                "output_estimate_warm_median_abs_error": 0.0,
+                                "output_estimate_warm_p90_abs_error": 0.0,
                                 "input_estimate_median_abs_error": pytest.approx(3 / 11),
                                 "input_estimate_p90_abs_error": pytest.approx(3 / 11),
-                                "frame_errors": 0}]
+                                "input_estimate_warm_median_abs_error": pytest.approx(3 / 11),
+                                "input_estimate_warm_p90_abs_error": pytest.approx(3 / 11),
+                                "unestimable": {}, "hidden_input": {}, "frame_errors": 0}]
     assert [(k["kind"], k["files"]) for k in data["by_kind"]] == [("text", 2)]
 
 
@@ -63,7 +67,7 @@ def test_percentiles_and_kinds() -> None:
         return Result(file=kind, group="g", dialect="openai", model=None, reported_input=None,
                       reported_output=rep, hidden_reasoning=0, estimated_input=None,
                       estimated_output=est, settled_input=0, settled_output=rep,
-                      source="reported", frame_errors=0, kind=kind)
+                      source="reported", frame_errors=0, kind=kind, estimated_visible=est)
 
     rows = {r["kind"]: r for r in by_kind([res("tool", 5, 10), res("tool", 9, 10),
                                            res("text", 10, 10)])}

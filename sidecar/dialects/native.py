@@ -37,7 +37,8 @@ def _count_texts(node: Any, tokenizer: Tokenizer, per_message: int = 3) -> int:
     if not isinstance(node, dict):
         return 0
     n = 0
-    for key in ("messages", "contents", "prompt", "input", "system", "tools", "functions"):
+    for key in ("messages", "contents", "prompt", "input", "system", "parameters",
+                "toolConfig"):
         value = node.get(key)
         if isinstance(value, str):
             n += tokenizer.count(value)
@@ -46,6 +47,10 @@ def _count_texts(node: Any, tokenizer: Tokenizer, per_message: int = 3) -> int:
                 n += per_message + sum(tokenizer.count(t) for t in texts_of(item, _TEXT_KEYS))
         elif isinstance(value, dict):
             n += _count_texts(value, tokenizer, per_message)
+    for key in ("tools", "functions"):  # definitions: names, descriptions and schemas
+        value = node.get(key)
+        if isinstance(value, list) and value:
+            n += tokenizer.count(orjson.dumps(value).decode())
     return n
 
 

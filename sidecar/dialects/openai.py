@@ -267,6 +267,7 @@ class OpenAIDialect:
     """The OpenAI chat/completions wire format."""
 
     name = "openai"
+    multi_choice = True  # slots start with the choice index (n > 1 answers)
 
     def parse_request(self, path: str, query: str, body: bytes) -> RequestInfo:
         deployment = _AZURE_DEPLOYMENT.search(path)  # Azure names the model in the path

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..frames import Frame
+from ..structure import tool_definitions
 from ..tokens import Tokenizer
 from . import fastlane as fl
 from .base import (
@@ -22,6 +23,7 @@ from .base import (
     texts_of,
     tool_calls,
 )
+from .openai import estimate_tools
 
 # Event type -> kind of the text in its "delta".
 _DELTAS = {
@@ -35,7 +37,11 @@ _DELTAS = {
     "response.reasoning_text.delta": REASONING,
     "response.audio.transcript.delta": CONTENT,
 }
+# Fields of input items the model reads (reasoning items' encrypted content is not text).
+_ITEM_TEXT = frozenset({"text", "content", "role", "arguments", "output", "input", "summary"})
 _VOLATILE = fl.volatile("sequence_number", "obfuscation")
+# Output items that are a call by the model (their name is output, shown once, when added).
+_CALLS = ("function_call", "custom_tool_call", "mcp_call")
 _FINAL = ("response.completed", "response.incomplete", "response.failed", "response.done")
 
 
@@ -90,6 +96,13 @@ class ResponsesStreamParser(JSONFrameParser):
                         as_index(obj.get("content_index"), 0), text_kind)
                 self.sink.text(slot, text_kind, delta)
             return
+        if kind == "response.output_item.added":
+            item = obj.get("item")
+            if isinstance(item, dict) and item.get("type") in _CALLS \
+                    and isinstance(item.get("name"), str) and item["name"]:
+                self.sink.text((as_index(obj.get("output_index"), 0), 0, TOOL, "name"), TOOL,
+                               item["name"])
+            return
         resp = obj.get("response")
         if isinstance(resp, dict):
             if kind in _FINAL or kind == "response.created":
@@ -113,13 +126,18 @@ class ResponsesDialect:
         instructions = body.get("instructions")
         if isinstance(instructions, str):
             n += tokenizer.count(instructions) + 3
+        tools = tool_definitions(body)
+        if tools:  # rendered as OpenAI renders chat tools (the Cookbook's count)
+            n += estimate_tools([{"function": t} for t in tools], info.model, tokenizer)
         inp = body.get("input")
         if isinstance(inp, str):
             return n + tokenizer.count(inp) + 3 + 3
         if isinstance(inp, list):
             for item in inp:
-                n += 3 + sum(tokenizer.count(t) for t in texts_of(
-                    item, frozenset({"text", "content", "role", "arguments", "output"})))
+                n += 3 + sum(tokenizer.count(t) for t in texts_of(item, _ITEM_TEXT))
+                if isinstance(item, dict) and item.get("type") in _CALLS \
+                        and isinstance(item.get("name"), str):
+                    n += tokenizer.count(item["name"])
             n += 3
         return n
 
@@ -147,7 +165,9 @@ class ResponsesDialect:
                 for j, part in enumerate(as_list(item.get("summary"))):
                     if isinstance(part, dict) and isinstance(part.get("text"), str):
                         sink.text((i, j, REASONING), REASONING, part["text"])
-            elif kind in ("function_call", "custom_tool_call"):
+            elif kind in _CALLS:
+                if isinstance(item.get("name"), str) and item["name"]:
+                    sink.text((i, 0, TOOL, "name"), TOOL, item["name"])
                 args = item.get("arguments") or item.get("input")
                 if isinstance(args, str) and args:
                     sink.text((i, 0, TOOL), TOOL, args)

@@ -1,0 +1,370 @@
+"""Output tokens that a stream never shows as text, per model family, and how they are learned.
+
+A model's output is more than the text a stream carries: an answer is framed by special tokens
+(OpenAI's harmony channels on gpt-5, turn markers), a tool call is rendered in the model's own
+call syntax around the name and arguments the stream shows, and parallel calls are wrapped
+(OpenAI's ``multi_tool_use.parallel``). These overheads are additive: a number of tokens per
+answer, per tool call, and per call of a parallel set. Seeds come from the published call
+formats where a vendor published one and from reported usage otherwise (each row says which);
+each deployment then learns its own per model, and per family for models not seen yet, from
+reported usage, the way the multiplicative tokenizer factors are learned (calibration.py).
+
+Sans-IO: no clock, no I/O; the proxy and ``sidecar replay`` call the same functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .calibration import Calibration
+
+
+@dataclass(frozen=True, slots=True)
+class Overheads:
+    """Tokens per answer, per tool call, and extra per call when a response makes several."""
+
+    answer: float = 0.0
+    call: float = 0.0
+    parallel: float = 0.0
+
+    def tokens(self, answers: int, calls: int) -> float:
+        return (answers * self.answer + calls * self.call
+                + (calls * self.parallel if calls > 1 else 0.0))
+
+
+# Model-name prefixes (of the name's last path segment, lowercase) -> family. Longest first.
+_FAMILIES: tuple[tuple[str, str], ...] = tuple(sorted((
+    ("gpt-5", "gpt-5"), ("gpt-oss", "gpt-oss"), ("gpt-4", "gpt-4"), ("gpt-3.5", "gpt-4"),
+    ("gpt-35", "gpt-4"), ("chatgpt", "gpt-4"), ("ft:gpt", "gpt-4"), ("o1", "o-series"),
+    ("o3", "o-series"), ("o4", "o-series"), ("claude", "claude"), ("anthropic.claude", "claude"),
+    ("gemini", "gemini"), ("deepseek", "deepseek"), ("qwen", "qwen"), ("qwq", "qwen"),
+    ("mistral", "mistral"), ("magistral", "mistral"), ("ministral", "mistral"),
+    ("codestral", "mistral"), ("devstral", "mistral"), ("pixtral", "mistral"),
+    ("llama", "llama"), ("meta-llama", "llama"), ("glm", "glm"), ("chatglm", "glm"),
+    ("ernie", "ernie"), ("grok", "grok"), ("sonar", "sonar"), ("nova", "nova"),
+    ("amazon.nova", "nova"), ("command", "cohere"), ("c4ai", "cohere"), ("cohere", "cohere"),
+    ("phi", "phi"),
+    ("kimi", "kimi"), ("moonshot", "kimi"), ("minimax", "minimax"),
+), key=lambda p: -len(p[0])))
+
+# Seeds per family (answer, call, parallel). Where they come from:
+#   gpt-4      answer 0: plain text is exact on the gpt-4o/4.1 captures. call 7: reported minus
+#              name and arguments on the gpt-4o-mini capture. parallel 9: the o200k tokens of
+#              '{"recipient_name":"functions.","parameters":}' that each call costs inside the
+#              multi_tool_use.parallel wrapper (OpenAI's published tool namespace).
+#   gpt-5      answer 10: harmony framing of the analysis and final channels (<|channel|>,
+#              <|message|>, <|end|>, <|return|> and the channel names), 9-10 on every gpt-5
+#              capture. call 6: the commentary channel's 'to=functions.NAME <|constrain|>json'.
+#   gpt-oss    answer 5, call 10: the harmony format as published with gpt-oss.
+#   o-series   answer 1 (o3-mini capture), call 7 as gpt-4.
+#   qwen       call 13: Qwen's chat template '<tool_call>\n{"name": "", "arguments": }\n
+#              </tool_call>' (special tokens one each).
+#   mistral    call 14: mistral-common's '[TOOL_CALLS][{"name": "", "arguments": , "id": ""}]'
+#              with its 9-character call id.
+#   llama      call 12: Llama 3's '<|python_tag|>{"name": "", "parameters": }<|eom_id|>'.
+#   deepseek   answer 2, call 30: DeepSeek V3.2's DSML call markup ('<|DSML|invoke name=..>',
+#              a parameter element per argument), as its published template renders it.
+#   glm        answer 2, call 10: GLM-4's '<tool_call>NAME<arg_key>..<arg_value>..</tool_call>'.
+#   claude     answer 2, call 33; cohere answer 3, call 24; nova answer 2, call 24; gemini
+#              answer 1, call 7: no published output format; reported minus visible text on
+#              the recorded captures (docs/ACCURACY.md marks these as in-sample).
+#   ernie      0, 0: the visible text accounts for ERNIE's reported output on its captures.
+#   grok       answer 0: grok-3-mini's visible answer is its reported output net of reasoning.
+SEEDS: dict[str, Overheads] = {
+    "gpt-4": Overheads(0, 7, 9),
+    "gpt-5": Overheads(10, 6, 0),
+    "gpt-oss": Overheads(5, 10, 0),
+    "o-series": Overheads(1, 7, 9),
+    "qwen": Overheads(0, 13, 0),
+    "mistral": Overheads(1, 14, 0),
+    "llama": Overheads(1, 12, 0),
+    "deepseek": Overheads(2, 30, 0),
+    "glm": Overheads(2, 10, 0),
+    "claude": Overheads(2, 33, 0),
+    "cohere": Overheads(3, 24, 0),
+    "nova": Overheads(2, 24, 0),
+    "gemini": Overheads(1, 7, 0),
+    "ernie": Overheads(0, 0, 0),
+    "grok": Overheads(0, 10, 0),
+}
+DEFAULT = Overheads(1, 10, 0)
+
+# Learned values are kept within these bounds (tokens): beyond them an observation says more
+# about hidden reasoning or server-side work than about framing, and is not learned from.
+ANSWER_BOUNDS = (0.0, 64.0)
+CALL_BOUNDS = (0.0, 128.0)
+# The answer overhead is only learned where the text's own count cannot swamp it: exact
+# tokenizers, or answers this short.
+ANSWER_LEARN_MAX_TEXT = 100
+
+
+@lru_cache(maxsize=4096)
+def family_of(model: str | None) -> str:
+    """The model family a name belongs to ("other" when unknown)."""
+    name = (model or "").strip().lower()
+    if not name:
+        return "other"
+    last = name.rsplit("/", 1)[-1]
+    for candidate in (last, name.rsplit(":", 1)[0]):
+        for prefix, family in _FAMILIES:
+            if candidate.startswith(prefix):
+                if prefix in ("o1", "o3", "o4") and candidate[len(prefix):][:1] not in ("", "-"):
+                    continue
+                return family
+    for prefix, family in _FAMILIES:  # region or vendor qualified: "us.anthropic.claude-..."
+        if f".{prefix}" in last:
+            return family
+    return "other"
+
+
+def _family_key(model: str | None) -> str:
+    return "family:" + family_of(model)
+
+
+def overheads(calibration: Calibration | None, model: str | None) -> Overheads:
+    """Seed, else what this deployment learned for the family, else for the model itself."""
+    seed = SEEDS.get(family_of(model), DEFAULT)
+    if calibration is None:
+        return seed
+    values = []
+    for kind, default in (("answer", seed.answer), ("call", seed.call)):
+        learned = calibration.offset(model, "output_" + kind)
+        if learned is None:
+            learned = calibration.offset(_family_key(model), "output_" + kind)
+        values.append(default if learned is None else learned)
+    return Overheads(values[0], values[1], seed.parallel)
+
+
+def scale(calibration: Calibration | None, model: str | None, token_type: str) -> float:
+    """The learned tokenizer factor of a model, else of its family, else 1."""
+    if calibration is None:
+        return 1.0
+    for key in (model, _family_key(model)):
+        if calibration.learned(key, token_type):
+            return calibration.factor(key, token_type)
+    return 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What one settled response showed: the visible text's raw estimate and its structure,
+    and the output the provider reported for what the stream showed (reasoning the stream
+    never showed, or showed only as a summary, taken out)."""
+
+    model: str | None
+    raw_text: float  # the visible text by the tokenizer profile, before any learned factor
+    exact: bool  # the text was counted by the model's own tokenizer
+    answers: int
+    calls: int
+    visible_output: int
+    plain: bool = True  # text only: no reasoning shown or reported, no tool calls
+
+
+def learn(calibration: Calibration, obs: Observation) -> bool:
+    """Learn from one response: the tokenizer factor (profiles without a public tokenizer,
+    on the text net of structure), then the answer or call overhead; per model and family."""
+    if not obs.model or obs.answers <= 0:
+        return False
+    current = overheads(calibration, obs.model)
+    moved = False
+    if not obs.exact and obs.plain:  # reasoning and calls carry overheads of their own
+        net = round(obs.visible_output - current.tokens(obs.answers, obs.calls))
+        for key in (obs.model, _family_key(obs.model)):
+            moved = calibration.observe(key, "output", obs.raw_text, net) or moved
+    text_tokens = obs.raw_text * scale(calibration, obs.model, "output")
+    residual = obs.visible_output - text_tokens
+    if obs.calls == 0:
+        if not obs.exact and text_tokens > ANSWER_LEARN_MAX_TEXT:
+            return moved
+        kind, value, bounds = "answer", residual / obs.answers, ANSWER_BOUNDS
+    else:
+        rest = residual - obs.answers * current.answer - (
+            obs.calls * current.parallel if obs.calls > 1 else 0.0)
+        kind, value, bounds = "call", rest / obs.calls, CALL_BOUNDS
+    for key in (obs.model, _family_key(obs.model)):
+        moved = calibration.observe_offset(key, "output_" + kind, value, bounds) or moved
+    return moved
+
+
+def estimate(calibration: Calibration | None, obs: Observation) -> int:
+    """The output estimate of a response's visible part with what ``calibration`` learned."""
+    over = overheads(calibration, obs.model)
+    return round(obs.raw_text * scale(calibration, obs.model, "output")
+                 + over.tokens(obs.answers, obs.calls))
+
+
+# -- the input side ---------------------------------------------------------------------------
+#
+# A prompt is billed for more than its messages: tool definitions rendered into the model's
+# own preamble, a tool-use system prompt, and preambles some APIs add to every request
+# (Responses on gpt-4o, thinking modes). The dialects count what the request carries; what it
+# never shows is an additive overhead per request, once when tools are defined, and per tool,
+# seeded where the vendor published it and learned per (model, API) and family otherwise.
+
+
+@dataclass(frozen=True, slots=True)
+class InputOverheads:
+    request: float = 0.0  # every request
+    tools: float = 0.0  # once, when the request defines tools (a tool-use system prompt)
+    tool: float = 0.0  # per tool definition
+    thinking: float = 0.0  # once, when the request turns extended thinking on
+
+    def tokens(self, n_tools: int, thinking: bool = False) -> float:
+        return self.request + ((self.tools + n_tools * self.tool) if n_tools else 0.0) + (
+            self.thinking if thinking else 0.0)
+
+
+# Anthropic publishes the tool-use system prompt it adds when tools are defined: 346 tokens
+# for tool_choice auto or none, 313 for any or a named tool, on the Claude 4 and 3.7 models
+# (docs.claude.com, "Tool use: pricing"); the tool_choice split is applied by tool_prompt().
+INPUT_SEEDS: dict[str, InputOverheads] = {
+    "claude": InputOverheads(0, 346, 0),
+}
+_NO_INPUT_SEED = InputOverheads()
+REQUEST_BOUNDS = (0.0, 4096.0)
+TOOL_BOUNDS = (0.0, 1024.0)
+# A request's own overhead is learned only where the text's count cannot swamp it.
+REQUEST_LEARN_MAX_TEXT = 200
+
+
+def tool_prompt(family: str, tool_choice: object) -> float | None:
+    """A published tool-use preamble for a named tool_choice, or None (use the seed)."""
+    if family == "claude" and isinstance(tool_choice, dict) and \
+            tool_choice.get("type") in ("any", "tool"):
+        return 313.0
+    return None
+
+
+def input_overheads(calibration: Calibration | None, model: str | None,
+                    api: str, tool_choice: object = None) -> InputOverheads:
+    family = family_of(model)
+    seed = INPUT_SEEDS.get(family, _NO_INPUT_SEED)
+    tools = tool_prompt(family, tool_choice)
+    if tools is not None:
+        seed = InputOverheads(seed.request, tools, seed.tool)
+    if calibration is None:
+        return seed
+    values = []
+    # the thinking preamble is the model's, whatever the API it is reached by
+    for kind, default in (("request@" + api, seed.request), ("tool@" + api, seed.tool),
+                          ("thinking", seed.thinking)):
+        learned = calibration.offset(model, "input_" + kind)
+        if learned is None:
+            learned = calibration.offset(_family_key(model), "input_" + kind)
+        values.append(default if learned is None else learned)
+    return InputOverheads(values[0], seed.tools, values[1], values[2])
+
+
+def thinking_requested(body: object) -> bool:
+    """The request turns a model's extended thinking on: Anthropic, DeepSeek and Zhipu
+    ``thinking``, OpenRouter ``reasoning``, Bedrock's additional model fields, Gemini's
+    thinkingConfig with thoughts included."""
+    if not isinstance(body, dict):
+        return False
+    for holder in (body, body.get("additionalModelRequestFields")):
+        if isinstance(holder, dict):
+            thinking = holder.get("thinking")
+            if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
+                return True
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict) and reasoning.get("enabled") is not False and (
+            reasoning.get("enabled") or reasoning.get("max_tokens")) and "effort" not in reasoning:
+        return True  # OpenRouter's switch (OpenAI's own "reasoning" carries an effort)
+    config = body.get("generationConfig")
+    thinking_config = config.get("thinkingConfig") if isinstance(config, dict) else None
+    return isinstance(thinking_config, dict) and bool(thinking_config.get("includeThoughts"))
+
+
+_CLIENT_TOOL_TYPES = frozenset({None, "function", "custom", "tool"})
+
+
+def tool_definitions(body: object) -> list[dict[str, object]]:
+    """The request's client-side tool definitions, whatever the format: OpenAI chat and
+    Responses, Anthropic, Gemini functionDeclarations, Bedrock toolConfig, ERNIE and legacy
+    OpenAI ``functions``, DashScope ``parameters.tools``."""
+    if not isinstance(body, dict):
+        return []
+    found: list[object] = []
+    for holder in (body, body.get("parameters"), body.get("toolConfig")):
+        if isinstance(holder, dict):
+            for key in ("tools", "functions"):
+                if isinstance(holder.get(key), list):
+                    found += holder[key]
+    out: list[dict[str, object]] = []
+    for tool in found:
+        if not isinstance(tool, dict):
+            continue
+        decls = tool.get("functionDeclarations") or tool.get("function_declarations")
+        if isinstance(decls, list):
+            out += [d for d in decls if isinstance(d, dict)]
+        elif isinstance(tool.get("function"), dict):
+            out.append(tool["function"])
+        elif isinstance(tool.get("toolSpec"), dict):
+            out.append(tool["toolSpec"])
+        elif tool.get("type") in _CLIENT_TOOL_TYPES and isinstance(tool.get("name"), str):
+            out.append(tool)
+    return out
+
+
+def server_tools(body: object) -> list[str]:
+    """Server-side tools the request enables (web search, code execution, file search, MCP,
+    Gemini grounding): their results enter the prompt on the provider's side, unseen."""
+    if not isinstance(body, dict):
+        return []
+    names: list[str] = []
+    for tool in body.get("tools") or []:
+        if not isinstance(tool, dict):
+            continue
+        kind = tool.get("type")
+        if kind not in _CLIENT_TOOL_TYPES:
+            names.append(str(kind))
+        for key in ("googleSearch", "google_search", "googleSearchRetrieval", "codeExecution",
+                    "code_execution", "urlContext", "url_context"):
+            if key in tool:
+                names.append(key)
+    return names
+
+
+@dataclass(frozen=True, slots=True)
+class InputObservation:
+    model: str | None
+    api: str  # the dialect: the same model has other preambles behind other APIs
+    raw_text: float  # the dialect's count of what the request carries, before any factor
+    exact: bool
+    tools: int
+    tool_choice: object
+    reported: int
+    thinking: bool = False
+
+
+def learn_input(calibration: Calibration, obs: InputObservation) -> bool:
+    """Learn the tokenizer factor (large plain prompts of profiles without a public tokenizer),
+    else the per-request overhead (no tools) or the per-tool overhead (with tools)."""
+    if not obs.model:
+        return False
+    current = input_overheads(calibration, obs.model, obs.api, obs.tool_choice)
+    moved = False
+    if not obs.exact and not obs.tools and obs.raw_text > REQUEST_LEARN_MAX_TEXT:
+        net = round(obs.reported - current.request)
+        for key in (obs.model, _family_key(obs.model)):
+            moved = calibration.observe(key, "input", obs.raw_text, net) or moved
+        return moved
+    residual = obs.reported - obs.raw_text * scale(calibration, obs.model, "input")
+    if obs.tools:
+        kind, bounds = "tool@" + obs.api, TOOL_BOUNDS
+        value = (residual - current.request - current.tools
+                 - (current.thinking if obs.thinking else 0.0)) / obs.tools
+    elif obs.thinking:
+        kind, value, bounds = "thinking", residual - current.request, REQUEST_BOUNDS
+    else:
+        kind, value, bounds = "request@" + obs.api, residual, REQUEST_BOUNDS
+    for key in (obs.model, _family_key(obs.model)):
+        moved = calibration.observe_offset(key, "input_" + kind, value, bounds) or moved
+    return moved
+
+
+def estimate_input(calibration: Calibration | None, obs: InputObservation) -> int:
+    over = input_overheads(calibration, obs.model, obs.api, obs.tool_choice)
+    return round(obs.raw_text * scale(calibration, obs.model, "input")
+                 + over.tokens(obs.tools, obs.thinking))
