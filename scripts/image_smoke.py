@@ -252,6 +252,11 @@ async def check_running(engine: str) -> dict[str, Any]:
                     "rm /var/lib/sidecar/.smoke && echo writable", check=False)
         if "writable" not in state:
             raise SmokeError(f"the state volume /var/lib/sidecar is not writable: {state}")
+        # The tokenizers extra is in the image: every open vocabulary loads, offline, verified.
+        loaded = json.loads(run(*exec_prefix, "sidecar", "tokenizers", "--load", "--json"))
+        if not all(row.get("loaded") for row in loaded):
+            raise SmokeError(f"open tokenizers did not load in the image: {loaded}")
+        facts["open_tokenizers"] = {row["name"]: row["rss_mb"] for row in loaded}
     return facts
 
 

@@ -167,7 +167,7 @@ def make_app(
 ) -> Apps:
     """Build both apps. Nothing is opened until the apps start (see cleanup_ctx)."""
     registry = registry if registry is not None else CollectorRegistry()
-    tokenizers = tokenizers or Tokenizers()
+    tokenizers = tokenizers or Tokenizers(open_models="background")
     metrics = Metrics(registry, max_keys=settings.max_keys, max_teams=settings.max_teams,
                       max_models=settings.max_models, otel_genai=settings.otel_genai)
     ledger = Ledger(settings.budgets)

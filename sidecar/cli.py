@@ -55,8 +55,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "replay", help="meter recorded streams offline: estimated vs reported tokens",
         description="Run recorded streams (SSE, NDJSON, JSON array or AWS event-stream files, or "
                     "folders of them) through the same meter as the proxy, and print estimated "
-                    "versus reported tokens per file and an accuracy summary per folder. A "
-                    "request body is read from NAME.request.json beside a stream when present.")
+                    "versus reported tokens per file and an accuracy summary per folder and per "
+                    "stream kind, output and input, cold (a fresh sidecar) and warm (learned from "
+                    "the other captures of the same model family, leave-one-out). A request body "
+                    "is read from NAME.request.json beside a stream, and models and features from "
+                    "a MANIFEST.json above it, when present. docs/ACCURACY.md explains the "
+                    "figures.")
     replay.add_argument("files", nargs="+", metavar="FILE", help="stream files or folders")
     replay.add_argument("--json", action="store_true", help="machine-readable output")
     replay.add_argument("--dialect", default=None,
@@ -99,6 +103,15 @@ def _build_parser() -> argparse.ArgumentParser:
                     "result and reload.")
     update.add_argument("--out", required=True, help="file to write")
     update.add_argument("--url", default=None, help="source URL (default: genai-prices' own)")
+
+    toks = sub.add_parser(
+        "tokenizers", help="the open models' tokenizers: installed, verified, memory",
+        description="List the open-model vocabularies the tokenizers extra provides (DeepSeek, "
+                    "Qwen, Mistral): the package each comes from and whether it is installed. "
+                    "With --load, load each one (SHA-256 checked) and print the time it took and "
+                    "the resident memory it added; exit 1 when one could not be loaded.")
+    toks.add_argument("--load", action="store_true", help="load each one and measure it")
+    toks.add_argument("--json", action="store_true", help="machine-readable output")
 
     health = sub.add_parser(
         "health", help="exit 0 when the local sidecar answers /healthz (a container HEALTHCHECK)",
@@ -223,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .price_cli import UPDATE_URL, update_main
 
         return update_main(args.out, args.url or UPDATE_URL)
+    if args.command == "tokenizers":
+        return _tokenizers(args.load, args.json)
     if args.command == "health":
         return _health(args.metrics_listen, args.timeout)
     if args.command == "top":
@@ -234,6 +249,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         return 0
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def _tokenizers(load: bool, as_json: bool) -> int:
+    import orjson
+
+    from . import open_tokenizers as ot
+
+    rows, failed = [], False
+    for source in ot.SOURCES.values():
+        row: dict[str, object] = {"name": source.name, "package": source.distribution,
+                                  "file": source.path, "sha256": source.sha256,
+                                  "installed": ot.installed(source)}
+        if load:
+            try:
+                ot.get(source)
+                info = ot.loaded[source.name]
+                row.update(loaded=True, seconds=round(info.seconds, 3),
+                           rss_mb=round(info.rss_bytes / 1e6, 1))
+            except ot.Unavailable as exc:
+                failed = True
+                row.update(loaded=False, error=str(exc))
+        rows.append(row)
+    if as_json:
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+    else:
+        for row in rows:
+            state = "installed" if row["installed"] else "not installed"
+            if load:
+                state = (f"loaded in {row['seconds']} s, +{row['rss_mb']} MB RSS"
+                         if row.get("loaded") else f"NOT LOADED: {row['error']}")
+            print(f"{row['name']:<13}{row['package']:<28}{state}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

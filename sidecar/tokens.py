@@ -474,12 +474,25 @@ class Tokenizer:
 
 
 class Tokenizers:
-    """Model name -> Tokenizer, sharing one loaded copy of each encoding."""
+    """Model name -> Tokenizer, sharing one loaded copy of each encoding.
 
-    def __init__(self, loader: Callable[[str], tiktoken.Encoding] = get_encoding) -> None:
+    Models of an open family (DeepSeek, Qwen, Mistral) use their own vocabulary when the
+    ``tokenizers`` extra is installed (open_tokenizers.py), loaded the first time the family is
+    seen: right away with ``open_models="sync"`` (replay, tests), or in a background thread with
+    ``"background"`` (the proxy: the event loop never waits for a vocabulary file; the family's
+    estimation profile serves until it is ready). ``"off"`` uses the profiles only.
+    """
+
+    def __init__(self, loader: Callable[[str], tiktoken.Encoding] = get_encoding,
+                 open_models: str = "sync") -> None:
+        if open_models not in ("sync", "background", "off"):
+            raise ValueError(f"open_models must be sync, background or off, not {open_models!r}")
         self._loader = loader
+        self._open_mode = open_models
         self._by_key: dict[tuple[str, Profile], Tokenizer] = {}
         self._by_model: dict[str | None, Tokenizer] = {}
+        self._open: dict[str, Tokenizer] = {}
+        self._loading: set[str] = set()
         self._lock = threading.Lock()
 
     def preload(self, names: tuple[str, ...] = SUPPORTED_ENCODINGS) -> None:
@@ -500,10 +513,56 @@ class Tokenizers:
     def for_model(self, model: str | None) -> Tokenizer:
         tok = self._by_model.get(model)
         if tok is None:
-            tok = self.by_encoding(encoding_name_for_model(model), profile_for_model(model))
+            exact = self._open_tokenizer(model)
+            tok = exact or self.by_encoding(encoding_name_for_model(model),
+                                            profile_for_model(model))
+            if exact is None and self._is_loading(model):
+                return tok  # not cached: the exact one takes over once loaded
             if len(self._by_model) > 10_000:
                 self._by_model.clear()
             self._by_model[model] = tok
+        return tok
+
+    def _is_loading(self, model: str | None) -> bool:
+        from . import open_tokenizers
+
+        source = open_tokenizers.source_for(model)
+        return source is not None and source.name in self._loading
+
+    def _open_tokenizer(self, model: str | None) -> Tokenizer | None:
+        if self._open_mode == "off" or _public_encoding(model) is not None:
+            return None
+        from . import open_tokenizers
+
+        source = open_tokenizers.source_for(model)
+        if source is None:
+            return None
+        tok = self._open.get(source.name)
+        if tok is not None or not open_tokenizers.installed(source):
+            return tok
+        if self._open_mode == "background":
+            with self._lock:
+                if source.name not in self._loading:
+                    self._loading.add(source.name)
+                    threading.Thread(target=self._load_open, args=(source,), daemon=True,
+                                     name=f"sidecar-tokenizer-{source.name}").start()
+            return None
+        return self._load_open(source)
+
+    def _load_open(self, source: Any) -> Tokenizer | None:
+        from . import open_tokenizers
+
+        try:
+            tok = Tokenizer(open_tokenizers.get(source))
+        except open_tokenizers.Unavailable:
+            tok = None
+        with self._lock:
+            if tok is not None:
+                self._open[source.name] = tok
+            self._loading.discard(source.name)
+            # models resolved to the profile meanwhile pick the exact one up from now on
+            self._by_model = {m: t for m, t in self._by_model.items()
+                              if open_tokenizers.source_for(m) is not source}
         return tok
 
 
