@@ -18,6 +18,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 CALENDAR_WINDOWS = ("hour", "day", "week", "month")
 MATCH_KEYS = ("key", "team", "model", "provider")
 ACTIONS = ("alert", "block")
+# Prompt estimates are exact for OpenAI chat and within docs/ACCURACY.md's input errors
+# elsewhere (warm median a few percent); 0.1 covers the median miss, not every outlier.
+DEFAULT_ADMIT_MARGIN = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +35,9 @@ class Budget:
     thresholds: tuple[float, ...] = (0.5, 0.8, 1.0)
     action: str = "alert"
     cut_off_streams: bool = False  # block: also end streams that cross the limit mid-way
+    # block: also refuse a request whose prompt estimate, times 1 + this margin, would take the
+    # budget over its limit (None: refuse only once the budget is spent)
+    admit_margin: float | None = DEFAULT_ADMIT_MARGIN
 
     @property
     def unit(self) -> str:
@@ -170,8 +176,13 @@ def parse_budgets(raw: Any, problems: list[str]) -> tuple[Budget, ...]:
         action = str(b.get("action") or "alert")
         if action not in ACTIONS:
             problems.append(f"{where}.action: expected alert or block")
+        margin = b.get("admit_margin", DEFAULT_ADMIT_MARGIN)
+        if margin is not None and (isinstance(margin, bool) or not isinstance(
+                margin, int | float) or not 0 <= margin <= 10):
+            problems.append(f"{where}.admit_margin: expected a ratio from 0 to 10 (0.1 = the "
+                            "prompt estimate plus 10%), or null to refuse only spent budgets")
         unknown = set(b) - {"name", "match", "window", "timezone", "limit_tokens", "limit_usd",
-                            "thresholds", "action", "cut_off_streams"}
+                            "thresholds", "action", "cut_off_streams", "admit_margin"}
         if unknown:
             problems.append(f"{where}: unknown keys {sorted(unknown)}")
         if len(problems) > n_before:
@@ -182,7 +193,8 @@ def parse_budgets(raw: Any, problems: list[str]) -> tuple[Budget, ...]:
             limit_tokens=int(lt) if lt is not None else None,
             limit_usd=float(lu) if lu is not None else None,
             thresholds=tuple(sorted(float(t) for t in thresholds)), action=action,
-            cut_off_streams=bool(b.get("cut_off_streams", False))))
+            cut_off_streams=bool(b.get("cut_off_streams", False)),
+            admit_margin=None if margin is None else float(margin)))
     return tuple(out)
 
 

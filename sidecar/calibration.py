@@ -104,6 +104,26 @@ class Calibration:
             self.dirty = True
             return True
 
+    def samples(self, model: str | None, kind: str) -> int:
+        f = self._factors.get((model or "", kind))
+        return f.samples if f is not None else 0
+
+    def observe_mean(self, model: str | None, kind: str, value: float) -> float | None:
+        """A running mean (over the last ``OFFSET_MAX_SAMPLES``) that keeps every observation,
+        for quantities that vary by nature (hidden reasoning); returns |value - old mean|, the
+        deviation callers track beside it (None when nothing was learned)."""
+        if not model or value < 0:
+            return None
+        with self._lock:
+            f = self._factors.setdefault((model, kind), Factor(value=0.0))
+            deviation = abs(value - f.value) if f.samples else 0.0
+            n = min(f.weight, OFFSET_MAX_SAMPLES)
+            f.value = (f.value * n + value) / (n + 1)
+            f.weight = n + 1
+            f.samples += 1
+            self.dirty = True
+            return deviation
+
     def snapshot(self) -> dict[tuple[str, str], Factor]:
         with self._lock:
             self.dirty = False

@@ -127,9 +127,19 @@ class Charge:
         self.add(ledger, tokens - self.tokens, None if usd is None else usd - self.usd, now)
 
 
-def exhausted(ledger: Ledger, budgets: Iterable[Budget], now: float) -> Budget | None:
-    """The first blocking budget already at or over its limit."""
+def exhausted(ledger: Ledger, budgets: Iterable[Budget], now: float,
+              prompt_tokens: float = 0.0, prompt_usd: float | None = None) -> Budget | None:
+    """The first blocking budget already at or over its limit, or that the request's prompt
+    (its estimate times 1 + the budget's admit_margin) would take over it. Unpriced prompts
+    count nothing against USD budgets."""
     for b in budgets:
-        if b.action == "block" and ledger.spent(b, now) >= b.limit:
+        if b.action != "block":
+            continue
+        spent = ledger.spent(b, now)
+        if spent >= b.limit:
             return b
+        if b.admit_margin is not None:
+            prompt = prompt_tokens if b.limit_tokens is not None else (prompt_usd or 0.0)
+            if prompt and spent + prompt * (1 + b.admit_margin) > b.limit:
+                return b
     return None

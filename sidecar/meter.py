@@ -106,6 +106,8 @@ class Meter:
         max_frame_size: int | None = None,
         fast_lane: bool = True,
         budget: CountBudget | None = None,
+        output_overheads: Overheads | None = None,
+        prompt_overheads: InputOverheads | None = None,
     ) -> None:
         self.dialect = dialect
         self.info = info
@@ -120,10 +122,11 @@ class Meter:
         self.prompt_estimate = 0
         self.raw_prompt_estimate = 0
         self.prompt_tools = 0  # tool definitions in the request
+        self.prompt_estimated = False
         self.prompt_thinking = False  # the request turns extended thinking on
         body = info.body
         self.tool_choice = body.get("tool_choice") if isinstance(body, dict) else None
-        self.input_overheads: InputOverheads = input_overheads(
+        self.input_overheads: InputOverheads = prompt_overheads or input_overheads(
             None, info.model, dialect.name, self.tool_choice)
         self.frame_errors = 0
         self.error_message: str | None = None
@@ -139,12 +142,15 @@ class Meter:
         self._committed: float = 0  # raw output tokens committed by the counters
         # Structure the text does not show (structure.py): answers and tool calls seen, and
         # the tokens they add (set by the proxy from what the deployment learned).
-        self.overheads: Overheads = overheads(None, info.model)
+        self.overheads: Overheads = output_overheads or overheads(None, info.model)
         self.answers = 0
         self.calls = 0
         self._choices: set[Any] | None = set() if getattr(dialect, "multi_choice", False) \
             else None
         self._structure: float = 0
+        # Hidden reasoning per answer this model steadily shows (structure.hidden_reasoning):
+        # counted live when an answer starts, and settled on when no usage arrives.
+        self.hidden_expected: float = 0.0
         self._emitted = 0  # scaled output tokens handed to the live counter
         self._ended = False
         self._decoder: Decoder | None = None
@@ -166,6 +172,7 @@ class Meter:
 
     def estimate_prompt(self) -> int:
         """Prompt tokens from the request body (may be offloaded to a thread for big bodies)."""
+        self.prompt_estimated = True
         try:
             raw = self.dialect.estimate_prompt(self.info, self.tokenizer)
             self.raw_prompt_estimate = raw
@@ -328,7 +335,7 @@ class Meter:
             self._probe.append((slot, kind, text))
         if kind == TOOL and slot[-1] == "name":  # dialects send a call's name once, at its start
             self.calls += 1
-            self._structure = self.overheads.tokens(self.answers, self.calls)
+            self._structure = self.structure_tokens
         parts = self._pending.get(slot)
         if parts is None:
             self._pending[slot] = [text]
@@ -354,7 +361,7 @@ class Meter:
         else:
             choices.add(slot[0])
         self.answers += 1
-        self._structure = self.overheads.tokens(self.answers, self.calls)
+        self._structure = self.structure_tokens
 
     def _count_pending(self) -> None:
         if self._pending:
@@ -411,15 +418,23 @@ class Meter:
 
     @property
     def structure_tokens(self) -> float:
-        """Tokens of answer framing and tool-call syntax the text does not show."""
-        return self.overheads.tokens(self.answers, self.calls)
+        """Tokens the text does not show: answer framing, tool-call syntax, and the hidden
+        reasoning this model steadily reports."""
+        return self.overheads.tokens(self.answers, self.calls) + \
+            self.hidden_expected * self.answers
 
     @property
     def estimated_output(self) -> int:
-        return round(self.raw_estimated_output * self.output_scale + self.structure_tokens)
+        raw = self.raw_estimated_output
+        if self.hidden_expected and self._reasoning_slots:
+            # a summary stands for the hidden reasoning counted in the structure: not both
+            raw -= sum(self._counters[s].total for s in self._reasoning_slots)
+        return round(raw * self.output_scale + self.structure_tokens)
 
     @property
     def estimated_reasoning(self) -> int:
+        if self.hidden_expected and self.answers:
+            return round(self.hidden_expected * self.answers)
         return round(sum(self._counters[s].total for s in self._reasoning_slots)
                      * self.output_scale)
 
@@ -473,7 +488,7 @@ class Meter:
         reasoning: int | None
         if r.reasoning is not None:
             reasoning, reasoning_source = r.reasoning, SOURCE_REPORTED
-        elif self._reasoning_slots:
+        elif self._reasoning_slots or (self.hidden_expected and self.answers):
             reasoning, reasoning_source = self.estimated_reasoning, SOURCE_ESTIMATED
         else:
             reasoning, reasoning_source = None, None

@@ -173,7 +173,17 @@ class Proxy:
         if target.include_usage or any(b.action == "block" for b in self.ledger.budgets):
             # The request may be refused or rewritten: know it before anything is sent.
             ex = self._exchange(request, target, path, body, t0)
-            blocked = exhausted(self.ledger, ex.charge.blocking, self.wall())
+            prompt = 0
+            if ex.charge.blocking and ex.meter.info.body is not None:
+                # Admission weighs the prompt: estimate it now (in a thread when large).
+                if len(body) > OFFLOAD_BYTES:
+                    prompt = await asyncio.get_running_loop().run_in_executor(
+                        None, ex.meter.estimate_prompt)
+                else:
+                    prompt = ex.meter.estimate_prompt()
+            rate = ex.charge.in_rate
+            blocked = exhausted(self.ledger, ex.charge.blocking, self.wall(), prompt,
+                                None if rate is None else prompt * rate)
             if blocked is not None:
                 return self._reject(ex, blocked.name)
             return await self._forward(request, target, path, upstream_path, body, ex)
@@ -190,12 +200,16 @@ class Proxy:
         ident = self.policy.attributor.identify(headers, request.query_string)
         info = dialect.parse_request(path, request.query_string, body)
         tokenizer = self.tokenizers.for_model(info.model)
-        meter = Meter(dialect, info, tokenizer, self.clock,
-                      max_frame_size=self.settings.max_frame_size, budget=self.count_budget)
         model = m.model_label(info.model)
-        meter.overheads = structure.overheads(self.calibration, model)
-        meter.input_overheads = structure.input_overheads(self.calibration, model, dialect.name,
-                                                          meter.tool_choice)
+        cal = self.calibration
+        tool_choice = info.body.get("tool_choice") if isinstance(info.body, dict) else None
+        meter = Meter(dialect, info, tokenizer, self.clock,
+                      max_frame_size=self.settings.max_frame_size, budget=self.count_budget,
+                      output_overheads=structure.overheads(cal, model),
+                      prompt_overheads=structure.input_overheads(cal, model, dialect.name,
+                                                                 tool_choice))
+        meter.hidden_expected = structure.hidden_reasoning(cal, model,
+                                                           structure.effort_of(info.body))
         if not tokenizer.exact:
             meter.output_scale = structure.scale(self.calibration, model, "output")
             meter.input_scale = structure.scale(self.calibration, model, "input")
@@ -217,7 +231,8 @@ class Proxy:
 
     def _reject(self, ex: _Exchange, budget: str) -> web.Response:
         """429 in the caller's API format, before anything is sent upstream."""
-        message = f"budget {budget!r} is exhausted for this window"
+        message = f"budget {budget!r} is exhausted for this window (or this request's " \
+                  "prompt estimate would exceed what is left)"
         body, headers = api_error_body(ex.dialect, message)
         ex.status, ex.outcome, ex.error, ex.billable = 429, OUTCOME_REJECTED, message, False
         self.metrics.c_rejections(ex.provider, budget).inc()
@@ -253,7 +268,7 @@ class Proxy:
                 await asyncio.sleep(0)  # let the request go out first
                 ex = self._exchange(request, target, path, body, t0)
             meter = ex.meter
-            if meter.info.body is not None:
+            if meter.info.body is not None and not meter.prompt_estimated:
                 if len(body) > OFFLOAD_BYTES:
                     estimate = asyncio.get_running_loop().run_in_executor(
                         None, meter.estimate_prompt)
@@ -431,8 +446,7 @@ class Proxy:
         m.cost(ex.provider, ex.model, ex.key, ex.team, s.source, cost,
                s.input_tokens + s.output_tokens)
         ex.charge.settle(self.ledger, s.input_tokens + s.output_tokens, cost, self.wall())
-        if not meter.tokenizer.exact:
-            self._learn(meter, ex.model)
+        self._learn(meter, ex.model)  # structure overheads for every model, factors for profiles
         m.c_requests(ex.provider, ex.model, ex.key, ex.team, str(ex.status), outcome,
                      stream).inc()
         duration = end - ex.t0
@@ -469,6 +483,11 @@ class Proxy:
         obs = meter.observation()
         if obs is not None:
             structure.learn(self.calibration, replace(obs, model=model))
+            hidden = meter.hidden_reasoning
+            if hidden and meter.answers:
+                structure.learn_hidden(self.calibration, model,
+                                       structure.effort_of(meter.info.body),
+                                       hidden / meter.answers)
         given = meter.input_observation()
         if given is not None:
             structure.learn_input(self.calibration, replace(given, model=model))

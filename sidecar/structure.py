@@ -146,6 +146,44 @@ def scale(calibration: Calibration | None, model: str | None, token_type: str) -
     return 1.0
 
 
+# Hidden reasoning (reported, never shown as text) is learned per model and reasoning effort as
+# a mean per answer; it is used for live counts and for streams that end without usage only once
+# it is stable: this many answers seen, and a mean deviation within this share of the mean.
+HIDDEN_SETTLED = 5
+HIDDEN_MAX_SPREAD = 0.5
+
+
+def effort_of(body: object) -> str:
+    """The reasoning effort a request asks for ("default" when it names none)."""
+    if isinstance(body, dict):
+        reasoning = body.get("reasoning")
+        effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
+        effort = effort or body.get("reasoning_effort")
+        if isinstance(effort, str) and effort:
+            return effort[:16]
+    return "default"
+
+
+def hidden_reasoning(calibration: Calibration | None, model: str | None, effort: str) -> float:
+    """The hidden reasoning tokens per answer this model has shown steadily at this effort,
+    else 0 (unknown, or too variable to use)."""
+    if calibration is None or not model:
+        return 0.0
+    mean = calibration.offset(model, "output_hidden@" + effort)
+    spread = calibration.offset(model, "output_hidden_dev@" + effort)
+    if not mean or spread is None or calibration.samples(model, "output_hidden@" + effort) \
+            < HIDDEN_SETTLED or spread > HIDDEN_MAX_SPREAD * mean:
+        return 0.0
+    return mean
+
+
+def learn_hidden(calibration: Calibration, model: str | None, effort: str,
+                 per_answer: float) -> None:
+    deviation = calibration.observe_mean(model, "output_hidden@" + effort, per_answer)
+    if deviation is not None:
+        calibration.observe_mean(model, "output_hidden_dev@" + effort, deviation)
+
+
 @dataclass(frozen=True, slots=True)
 class Observation:
     """What one settled response showed: the visible text's raw estimate and its structure,

@@ -21,17 +21,39 @@ def test_parse_and_defaults() -> None:
                            "thresholds": [0.8, 0.5, 1.0], "action": "block"}], problems)
     assert problems == []
     assert (b.unit, b.limit, b.thresholds, b.action) == ("tokens", 2e6, (0.5, 0.8, 1.0), "block")
+    assert b.admit_margin == 0.1
+    (lax, tight) = parse_budgets([
+        {"name": "lax", "window": "day", "limit_tokens": 5, "admit_margin": None},
+        {"name": "tight", "window": "day", "limit_tokens": 5, "admit_margin": 0.5}], problems)
+    assert (lax.admit_margin, tight.admit_margin, problems) == (None, 0.5, [])
+
+
+def test_admission_weighs_the_prompt_with_its_margin() -> None:
+    from sidecar.ledger import Ledger, exhausted
+
+    tokens = Budget("t", {}, "day", limit_tokens=1000, action="block", admit_margin=0.25)
+    usd = Budget("u", {}, "day", limit_usd=1.0, action="block")
+    lax = Budget("l", {}, "day", limit_tokens=1000, action="block", admit_margin=None)
+    ledger = Ledger((tokens, usd, lax))
+    ledger.add((tokens, lax), 600, None, 0.0)
+    assert exhausted(ledger, [tokens], 0.0, prompt_tokens=320) is None  # 600 + 400 = 1000
+    assert exhausted(ledger, [tokens], 0.0, prompt_tokens=321) is tokens
+    assert exhausted(ledger, [lax], 0.0, prompt_tokens=10_000) is None
+    assert exhausted(ledger, [usd], 0.0, prompt_tokens=10**6) is None  # unpriced: no USD
+    assert exhausted(ledger, [usd], 0.0, prompt_tokens=10, prompt_usd=0.95) is usd
 
 
 def test_every_problem_named() -> None:
     problems: list[str] = []
     parse_budgets([{"name": "a", "window": "fortnight", "limit_tokens": 1, "limit_usd": 2},
                    {"name": "a", "window": {"rolling": "10x"}, "match": {"colour": "red"},
-                    "limit_usd": -1, "action": "shout", "timezone": "Mars/Base"}], problems)
+                    "limit_usd": -1, "action": "shout", "timezone": "Mars/Base",
+                    "admit_margin": "lots"}], problems)
     text = "\n".join(problems)
     for expected in ("budgets[0].window", "exactly one of limit_tokens or limit_usd",
                      "budgets[1].name", "budgets[1].window.rolling", "budgets[1].match",
-                     "budgets[1].limit_usd", "budgets[1].action", "budgets[1].timezone"):
+                     "budgets[1].limit_usd", "budgets[1].action", "budgets[1].timezone",
+                     "budgets[1].admit_margin"):
         assert expected in text, expected
 
 

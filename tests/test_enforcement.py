@@ -173,3 +173,28 @@ async def test_budgets_view_and_admin_token(stack_factory: StackFactory) -> None
             data = await r.json()
     (b,) = data["budgets"]
     assert (b["name"], b["unit"], b["limit"], b["spent"]) == ("v", "usd", 5.0, 0)
+
+
+async def test_a_prompt_that_would_cross_the_limit_is_refused(
+        stack_factory: StackFactory) -> None:
+    """Admission weighs the prompt estimate plus the budget's admit_margin: a request whose
+    prompt alone would take a blocking budget over its limit never reaches the upstream."""
+    prompt = "lorem ipsum " * 300  # about 600 tokens (gpt-4o-mini: exact)
+    margin = Budget("margin", {}, "day", limit_tokens=500, action="block")
+    lax = Budget("lax", {}, "day", limit_tokens=500, action="block", admit_margin=None)
+    for budget, expected in ((margin, 429), (lax, 200)):
+        stack = await stack_factory(budgets=(budget,))
+        sid = stack.upstream.add(Script(chunks=[chat_chunks("hello", 2, usage=USAGE)]))
+        async with aiohttp.ClientSession() as s, s.post(
+                stack.proxy_url + "/v1/chat/completions",
+                json={"model": "gpt-4o-mini", "stream": True,
+                      "messages": [{"role": "user", "content": prompt}]},
+                headers={"X-Script": sid}) as r:
+            assert r.status == expected, budget.name
+            body = await r.read()
+        if expected == 429:
+            assert b"prompt estimate" in body and not stack.upstream.requests
+    # a short prompt passes the margin budget while it has room
+    stack = await stack_factory(budgets=(margin,))
+    sid = stack.upstream.add(Script(chunks=[chat_chunks("hello", 2, usage=USAGE)]))
+    assert (await post(stack, sid))[0] == 200

@@ -19,11 +19,14 @@ from sidecar.structure import (
     InputObservation,
     Observation,
     Overheads,
+    effort_of,
     estimate,
     estimate_input,
     family_of,
+    hidden_reasoning,
     input_overheads,
     learn,
+    learn_hidden,
     learn_input,
     overheads,
     scale,
@@ -33,7 +36,7 @@ from sidecar.structure import (
 )
 from sidecar.tokens import Tokenizers
 
-from .conftest import Script, Stack, conformance_dir, sse
+from .conftest import Script, Stack, chat_chunks, conformance_dir, sse
 
 
 @pytest.mark.parametrize("model, family", [
@@ -406,3 +409,80 @@ def test_input_overheads_learned_per_api_and_thinking_per_family() -> None:
     assert over.tool == pytest.approx(15)
     assert estimate_input(cal, obs("gpt-4o", "openai-responses", 0, tools=3)) == \
         20 + 200 + 3 * 15
+
+
+@pytest.mark.parametrize("model, per_message, primer", [
+    ("qwen3-max", 4, 3), ("mistral-small-latest", 1, 1), ("deepseek-reasoner", 0, 4),
+    ("glm-4.7", 1, 3), ("gpt-4o", 3, 3),
+])
+def test_chat_templates_of_open_models(tokenizers: Tokenizers, model: str, per_message: int,
+                                       primer: int) -> None:
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is 2 + 2?"}]
+    meter = _prompt("openai", {"model": model, "messages": messages}, tokenizers)
+    tok = tokenizers.for_model(model)
+    text = sum(tok.count(m["role"]) + tok.count(m["content"]) for m in messages)
+    assert meter.raw_prompt_estimate == text + per_message * len(messages) + primer
+
+
+@pytest.mark.skipif(conformance_dir() is None,
+                    reason="shared fixtures not found (../shared/fixtures beside the repo)")
+def test_recorded_prompts_of_open_models_are_exact() -> None:
+    """DeepSeek, Mistral and GLM chat prompts on the recorded captures: the template's framing
+    and the vendor's tokenizer give the reported count."""
+    base = conformance_dir()
+    assert base is not None
+    out = io.StringIO()
+    names = ["deepseek/chat-deepseek-reasoner-thinking-usage.sse",
+             "mistral/chat-magistral-medium-thinking-usage.sse",
+             "zhipu/v4-glm-4.7-thinking-usage.sse"]
+    assert replay_main([str(base / "streams" / n) for n in names], as_json=True, out=out) == 0
+    for f in orjson.loads(out.getvalue())["files"]:
+        assert f["estimated_input"] == f["reported_input"], f["file"]
+
+
+def test_hidden_reasoning_is_used_only_once_steady() -> None:
+    cal = Calibration()
+    for n in (900, 1100, 1000, 950):
+        learn_hidden(cal, "o3-mini", "low", n)
+    assert hidden_reasoning(cal, "o3-mini", "low") == 0  # four answers: not yet
+    learn_hidden(cal, "o3-mini", "low", 1050)
+    assert hidden_reasoning(cal, "o3-mini", "low") == pytest.approx(1000, abs=60)
+    assert hidden_reasoning(cal, "o3-mini", "high") == 0  # another effort is another mean
+    for n in (10, 3000, 50, 4000, 20, 3500):
+        learn_hidden(cal, "grok-3-mini", "default", n)
+    assert hidden_reasoning(cal, "grok-3-mini", "default") == 0  # too variable to use
+    assert effort_of({"reasoning": {"effort": "low"}}) == "low"
+    assert effort_of({"reasoning_effort": "high"}) == "high"
+    assert effort_of({"messages": []}) == effort_of(None) == "default"
+
+
+async def test_steady_hidden_reasoning_counts_for_streams_without_usage(stack: Stack) -> None:
+    """o-series chat: reasoning is reported, never shown. Once a model's hidden reasoning per
+    answer is steady, a stream cut before its usage settles on the visible text plus it."""
+    model = "o3-mini"
+    text = "The answer is four."
+    tok = stack.apps.handler.tokenizers.for_model(model)
+    visible = tok.count(text) + SEEDS["o-series"].answer
+    async with aiohttp.ClientSession() as s:
+        for hidden in (960, 1040, 1000, 980, 1020, 1000):
+            usage = {"prompt_tokens": 9, "completion_tokens": visible + hidden,
+                     "total_tokens": 9 + visible + hidden,
+                     "completion_tokens_details": {"reasoning_tokens": hidden}}
+            sid = stack.upstream.add(Script(chunks=[chat_chunks(text, 4, model=model,
+                                                                usage=usage)]))
+            async with s.post(stack.proxy_url + "/v1/chat/completions",
+                              json={"model": model, "stream": True, "reasoning_effort": "low"},
+                              headers={"X-Script": sid}) as r:
+                await r.read()
+        assert hidden_reasoning(stack.apps.handler.calibration, model, "low") == \
+            pytest.approx(1000, abs=20)
+        bare = stack.upstream.add(Script(chunks=[chat_chunks(text, 4, model=model)]))
+        async with s.post(stack.proxy_url + "/v1/chat/completions",
+                          json={"model": model, "stream": True, "reasoning_effort": "low"},
+                          headers={"X-Script": bare}) as r:
+            await r.read()
+    rec = stack.records[-1]
+    assert rec["output_source"] == "estimated"
+    assert rec["output_tokens"] == pytest.approx(visible + 1000, abs=20)
+    assert rec["reasoning_tokens"] == pytest.approx(1000, abs=20)

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from ..frames import Frame
+from ..structure import family_of
 from ..tokens import Tokenizer
 from . import fastlane as fl
 from .base import (
@@ -213,13 +214,29 @@ def _text_of(content: Any, tok: Tokenizer, model: str | None = None) -> int:
     return tok.count(orjson.dumps(content).decode())
 
 
+# Chat templates of open models served behind OpenAI-format APIs: (tokens per message beyond its
+# fields' text, which includes the role's name; tokens per request). Qwen: '<|im_start|>ROLE\n
+# ... <|im_end|>\n' per message, '<|im_start|>assistant\n' primes the reply. Mistral (Tekken
+# v7+): '<s>' once, '[INST] ... [/INST]' per message in place of the role. DeepSeek V3/V4: a
+# role token per message in place of the role, '<|begin_of_sentence|>', '<|Assistant|>' and the
+# think tags once (4 on the recorded deepseek-reasoner capture). GLM-4: '<|ROLE|>\n' per
+# message, '[gMASK]<sop>' and '<|assistant|>' once.
+_CHAT_TEMPLATES = {"qwen": (4, 3), "mistral": (1, 1), "deepseek": (0, 4), "glm": (1, 3)}
+
+
 def estimate_chat_prompt(messages: list[Any], model: str | None, tok: Tokenizer) -> int:
     """OpenAI's published per-message formula (OpenAI Cookbook, "How to count tokens").
 
     Every message costs 3 tokens of framing plus its fields, a ``name`` one more, and every reply
-    is primed with 3. gpt-3.5-turbo-0301 used 4 per message and -1 per name.
+    is primed with 3. gpt-3.5-turbo-0301 used 4 per message and -1 per name. Open models behind
+    the same API frame messages with their own chat template (_CHAT_TEMPLATES).
     """
     per_message, per_name = (4, -1) if model and "0301" in model else (3, 1)
+    primer = 3
+    template = _CHAT_TEMPLATES.get(family_of(model))
+    if template is not None:
+        per_message, primer = template
+        per_name = 0
     n = 0
     for message in messages:
         if not isinstance(message, dict):
@@ -229,7 +246,7 @@ def estimate_chat_prompt(messages: list[Any], model: str | None, tok: Tokenizer)
             n += _text_of(value, tok, model)
             if key == "name":
                 n += per_name
-    return n + 3
+    return n + primer
 
 
 def estimate_tools(tools: list[Any], model: str | None, tok: Tokenizer) -> int:
