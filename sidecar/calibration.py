@@ -38,10 +38,13 @@ class Calibration:
         self._factors: dict[tuple[str, str], Factor] = dict(initial or {})
         self._lock = threading.Lock()
         self.dirty = False
+        # Moves whenever a learned value may have changed (readers cache what they read).
+        self.version = 0
 
     def restore(self, factors: dict[tuple[str, str], Factor]) -> None:
         with self._lock:
             self._factors.update(factors)
+            self.version += 1
 
     def adopt(self, factors: dict[tuple[str, str], Factor]) -> None:
         """Factors other processes learned (workers, replicas): each one backed by more
@@ -51,6 +54,7 @@ class Calibration:
                 ours = self._factors.get(key)
                 if ours is None or theirs.samples > ours.samples:
                     self._factors[key] = Factor(theirs.value, theirs.weight, theirs.samples)
+                    self.version += 1
 
     def learned(self, model: str | None, token_type: str) -> bool:
         f = self._factors.get((model or "", token_type))
@@ -78,6 +82,7 @@ class Calibration:
             f.weight = w + reported
             f.samples += 1
             self.dirty = True
+            self.version += 1
             return True
 
     def offset(self, model: str | None, kind: str) -> float | None:
@@ -102,6 +107,7 @@ class Calibration:
             f.weight = n + 1
             f.samples += 1
             self.dirty = True
+            self.version += 1
             return True
 
     def samples(self, model: str | None, kind: str) -> int:
@@ -122,6 +128,7 @@ class Calibration:
             f.weight = n + 1
             f.samples += 1
             self.dirty = True
+            self.version += 1
             return deviation
 
     def snapshot(self) -> dict[tuple[str, str], Factor]:

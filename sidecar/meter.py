@@ -38,6 +38,14 @@ LARGE_TEXT = 1024
 # memory than the accounting is worth (embeddings of big batches are the usual case).
 MAX_METERED_BODY = 32 * 1024 * 1024
 
+# Request keys that never carry tools or a thinking switch: a body made only of these skips the
+# search for them (most requests).
+_PLAIN_KEYS = frozenset({"model", "messages", "stream", "stream_options", "temperature",
+                         "max_tokens", "max_completion_tokens", "top_p", "n", "stop", "user",
+                         "seed", "presence_penalty", "frequency_penalty", "response_format",
+                         "logprobs", "top_logprobs", "metadata", "store", "input",
+                         "instructions", "prompt", "contents", "system"})
+
 SOURCE_REPORTED = "reported"
 SOURCE_ESTIMATED = "estimated"
 
@@ -124,8 +132,6 @@ class Meter:
         self.prompt_tools = 0  # tool definitions in the request
         self.prompt_estimated = False
         self.prompt_thinking = False  # the request turns extended thinking on
-        body = info.body
-        self.tool_choice = body.get("tool_choice") if isinstance(body, dict) else None
         self.input_overheads: InputOverheads = prompt_overheads or input_overheads(
             None, info.model, dialect.name, self.tool_choice)
         self.frame_errors = 0
@@ -176,8 +182,10 @@ class Meter:
         try:
             raw = self.dialect.estimate_prompt(self.info, self.tokenizer)
             self.raw_prompt_estimate = raw
-            self.prompt_tools = len(tool_definitions(self.info.body))
-            self.prompt_thinking = thinking_requested(self.info.body)
+            body = self.info.body
+            if isinstance(body, dict) and not _PLAIN_KEYS.issuperset(body):
+                self.prompt_tools = len(tool_definitions(body))
+                self.prompt_thinking = thinking_requested(body)
             self.prompt_estimate = round(raw * self.input_scale + self.input_overheads.tokens(
                 self.prompt_tools, self.prompt_thinking))
         except Exception:  # a body we cannot read must not break the request
@@ -452,9 +460,10 @@ class Meter:
         seen = sum(self._counters[s].total for s in self._reasoning_slots) * self.output_scale
         return reported if seen * self.SUMMARY_RATIO < reported else 0
 
-    def observation(self) -> Observation | None:
+    def observation(self, model: str | None = None) -> Observation | None:
         """What this response teaches the estimator (None without reported output): the
-        visible text and its structure against the reported output net of hidden reasoning."""
+        visible text and its structure against the reported output net of hidden reasoning.
+        ``model``: the name to learn under (default: the model the answer named)."""
         r = self.reported
         if r.output is None:
             return None
@@ -462,18 +471,24 @@ class Meter:
         raw = self.raw_estimated_output
         if hidden:  # a reasoning summary is not what was billed: leave it out of both sides
             raw -= sum(self._counters[s].total for s in self._reasoning_slots)
-        return Observation(model=self.model_name, raw_text=raw, exact=self.tokenizer.exact,
+        return Observation(model=model or self.model_name, raw_text=raw,
+                           exact=self.tokenizer.exact,
                            answers=self.answers, calls=self.calls,
                            visible_output=max(r.output - hidden, 0),
                            plain=not (self.calls or self._reasoning_slots or r.reasoning
                                       or TOOL in self.kinds))
 
-    def input_observation(self) -> InputObservation | None:
+    @property
+    def tool_choice(self) -> Any:
+        body = self.info.body
+        return body.get("tool_choice") if isinstance(body, dict) else None
+
+    def input_observation(self, model: str | None = None) -> InputObservation | None:
         """What this request teaches the prompt estimator (None without reported input)."""
         r = self.reported
         if r.input is None or not self.raw_prompt_estimate:
             return None
-        return InputObservation(model=self.model_name, api=self.dialect.name,
+        return InputObservation(model=model or self.model_name, api=self.dialect.name,
                                 raw_text=self.raw_prompt_estimate, exact=self.tokenizer.exact,
                                 tools=self.prompt_tools, tool_choice=self.tool_choice,
                                 reported=r.input, thinking=self.prompt_thinking)

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
@@ -83,6 +83,10 @@ class Policy:
     prices: PriceBook
 
 
+# Learning from plain answers: every one for a model's first LEARN_ALL, then one in LEARN_EVERY.
+LEARN_ALL = 64
+LEARN_EVERY = 32
+
 class Proxy:
     """Request handler; one per app. Everything it uses is injected."""
 
@@ -109,6 +113,8 @@ class Proxy:
         self.ledger = ledger
         self.record = record_sink
         self.calibration = calibration or Calibration()
+        self._seen: dict[str, int] = {}  # plain answers per model label (for _learn)
+        self._learned_cache: dict[tuple[Any, ...], _Learned] = {}
         self.clock = clock
         self.wall = wall
         self.targets = targets(settings)
@@ -201,18 +207,13 @@ class Proxy:
         info = dialect.parse_request(path, request.query_string, body)
         tokenizer = self.tokenizers.for_model(info.model)
         model = m.model_label(info.model)
-        cal = self.calibration
-        tool_choice = info.body.get("tool_choice") if isinstance(info.body, dict) else None
+        learned = self._learned(model, dialect.name, info.body)
         meter = Meter(dialect, info, tokenizer, self.clock,
                       max_frame_size=self.settings.max_frame_size, budget=self.count_budget,
-                      output_overheads=structure.overheads(cal, model),
-                      prompt_overheads=structure.input_overheads(cal, model, dialect.name,
-                                                                 tool_choice))
-        meter.hidden_expected = structure.hidden_reasoning(cal, model,
-                                                           structure.effort_of(info.body))
+                      output_overheads=learned.output, prompt_overheads=learned.input)
+        meter.hidden_expected = learned.hidden
         if not tokenizer.exact:
-            meter.output_scale = structure.scale(self.calibration, model, "output")
-            meter.input_scale = structure.scale(self.calibration, model, "input")
+            meter.output_scale, meter.input_scale = learned.output_scale, learned.input_scale
         budgets = self.ledger.matching({"key": ident.key, "team": ident.team,
                                         "model": info.model or "", "provider": provider})
         book = self.policy.prices
@@ -228,6 +229,27 @@ class Proxy:
             model=model, dialect=dialect_name, meter=meter, charge=charge, body=body,
             entry=entry, book=book, strict_provider=target.provider_known,
             disconnect=target.disconnect_policy(dialect_name))
+
+    def _learned(self, model: str, api: str, body: Any) -> _Learned:
+        """What the calibration says for this kind of request, per (model, API, effort,
+        tool_choice type), read again only after the calibration changed: reading it costs more
+        than the rest of a small request's setup."""
+        body = body if isinstance(body, dict) else {}
+        choice = body.get("tool_choice")
+        effort = structure.effort_of(body)
+        key = (model, api, effort, choice.get("type") if isinstance(choice, dict) else None)
+        hit = self._learned_cache.get(key)
+        cal = self.calibration
+        if hit is not None and hit.version == cal.version:
+            return hit
+        hit = _Learned(cal.version, structure.overheads(cal, model),
+                       structure.input_overheads(cal, model, api, choice),
+                       structure.hidden_reasoning(cal, model, effort),
+                       structure.scale(cal, model, "output"), structure.scale(cal, model, "input"))
+        if len(self._learned_cache) > 10_000:
+            self._learned_cache.clear()
+        self._learned_cache[key] = hit
+        return hit
 
     def _reject(self, ex: _Exchange, budget: str) -> web.Response:
         """429 in the caller's API format, before anything is sent upstream."""
@@ -479,18 +501,40 @@ class Proxy:
         return price_settlement(ex.book, entry, s, ex.provider, self.wall())
 
     def _learn(self, meter: Meter, model: str) -> None:
-        """Feed the calibration with what this request showed (visible text only)."""
-        obs = meter.observation()
+        """Feed the calibration with what this request showed (visible text only).
+
+        Plain answers (no tool calls, tools, thinking or hidden reasoning) of a model seen
+        LEARN_ALL times are learned from one in LEARN_EVERY: the running means have settled, and
+        learning costs more than the rest of a small non-streamed request's accounting."""
+        if not (meter.calls or meter.prompt_tools or meter.prompt_thinking
+                or meter.reported.reasoning):
+            seen = self._seen.get(model, 0) + 1
+            if len(self._seen) > 10_000:
+                self._seen.clear()
+            self._seen[model] = seen
+            if seen > LEARN_ALL and seen % LEARN_EVERY:
+                return
+        obs = meter.observation(model)
         if obs is not None:
-            structure.learn(self.calibration, replace(obs, model=model))
+            structure.learn(self.calibration, obs)
             hidden = meter.hidden_reasoning
             if hidden and meter.answers:
                 structure.learn_hidden(self.calibration, model,
                                        structure.effort_of(meter.info.body),
                                        hidden / meter.answers)
-        given = meter.input_observation()
+        given = meter.input_observation(model)
         if given is not None:
-            structure.learn_input(self.calibration, replace(given, model=model))
+            structure.learn_input(self.calibration, given)
+
+
+@dataclass(frozen=True, slots=True)
+class _Learned:
+    version: int  # the calibration's version it was read at
+    output: structure.Overheads
+    input: structure.InputOverheads
+    hidden: float
+    output_scale: float
+    input_scale: float
 
 
 @dataclass(slots=True)

@@ -155,7 +155,7 @@ HIDDEN_MAX_SPREAD = 0.5
 
 def effort_of(body: object) -> str:
     """The reasoning effort a request asks for ("default" when it names none)."""
-    if isinstance(body, dict):
+    if isinstance(body, dict) and ("reasoning" in body or "reasoning_effort" in body):
         reasoning = body.get("reasoning")
         effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
         effort = effort or body.get("reasoning_effort")

@@ -94,3 +94,48 @@ def test_images_count_in_anthropic_prompt_estimate() -> None:
     both = d.estimate_prompt(d.parse_request("/v1/messages", "", base + text + b", " + image
                                              + b"]}]}"), tok)
     assert both - plain == 1590  # the image alone: its base64 data is not counted as text
+
+
+@pytest.mark.parametrize("model, size, tokens", [
+    ("gemini-2.5-flash", (384, 200), 258), ("gemini-2.0-flash", (1024, 1024), 258 * 4),
+    ("gemini-1.5-pro", (768, 768), 258), ("gemini-3-pro-preview", (300, 300), None),
+    ("gemini-2.5-pro", None, None),
+])
+def test_gemini_formula(model: str, size: tuple[int, int] | None, tokens: int | None) -> None:
+    from sidecar.dialects.images import gemini_image_tokens
+
+    assert gemini_image_tokens(model, size) == tokens
+
+
+def test_images_count_in_gemini_and_responses_prompt_estimates() -> None:
+    import orjson
+
+    from sidecar.dialects import get_dialect
+
+    data = base64.b64encode(png(1000, 700)).decode()
+    gemini = get_dialect("gemini")
+    tok = Tokenizers().for_model("gemini-2.5-flash")
+    text = {"text": "what is this?"}
+    path = "/v1beta/models/gemini-2.5-flash:generateContent"
+
+    def gem(parts: list[object]) -> int:
+        info = gemini.parse_request(path, "", orjson.dumps({"contents": [{"parts": parts}]}))
+        info.model = "gemini-2.5-flash"
+        return gemini.estimate_prompt(info, tok)
+
+    image = {"inlineData": {"mimeType": "image/png", "data": data}}
+    assert gem([text, image]) - gem([text]) == 258 * 2 * 1  # 2 x 1 tiles of 768 px
+
+    responses = get_dialect("openai-responses")
+    tok4o = Tokenizers().for_model("gpt-4o")
+
+    def resp(parts: list[object]) -> int:
+        body = {"model": "gpt-4o", "input": [{"role": "user", "content": parts}]}
+        return responses.estimate_prompt(responses.parse_request("/v1/responses", "",
+                                                                 orjson.dumps(body)), tok4o)
+
+    words = {"type": "input_text", "text": "what is this?"}
+    picture = {"type": "input_image", "detail": "high",
+               "image_url": "data:image/png;base64," + data}
+    assert resp([words, picture]) - resp([words]) == openai_image_tokens(
+        "gpt-4o", (1000, 700), "high")

@@ -32,6 +32,7 @@ from .base import (
     texts_of,
     tool_calls,
 )
+from .images import base64_size, gemini_image_tokens
 
 _MODEL_IN_PATH = re.compile(r"/models/([^/:]+):")
 
@@ -172,6 +173,14 @@ class GeminiDialect:
         n = sum(tokenizer.count(t) for t in texts_of(body.get("systemInstruction"), keys))
         for content in body.get("contents") or []:
             n += sum(tokenizer.count(t) for t in texts_of(content, keys))
+            parts = content.get("parts") if isinstance(content, dict) else None
+            for part in parts if isinstance(parts, list) else []:
+                blob = part.get("inlineData") or part.get("inline_data") \
+                    if isinstance(part, dict) else None
+                if isinstance(blob, dict) and isinstance(blob.get("data"), str) and \
+                        str(blob.get("mimeType") or blob.get("mime_type") or "").startswith(
+                            "image/"):
+                    n += gemini_image_tokens(info.model, base64_size(blob["data"])) or 0
         if isinstance(body.get("input"), str | list):  # Interactions API
             n += sum(tokenizer.count(t) for t in texts_of({"input": body["input"]}, keys))
         tools = body.get("tools")

@@ -111,3 +111,25 @@ def anthropic_image_tokens(size: tuple[int, int] | None) -> int | None:
         s = 1568 / max(w, h)
         w, h = round(w * s), round(h * s)
     return round(w * h / 750)
+
+
+def base64_size(data: str) -> tuple[int, int] | None:
+    """The size of a base64-encoded image (only its header is decoded)."""
+    head = data[:4096]
+    head = head[: len(head) // 4 * 4]
+    try:
+        return image_size(base64.b64decode(head))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def gemini_image_tokens(model: str | None, size: tuple[int, int] | None) -> int | None:
+    """Gemini 1.5 and 2.x (Google's published rule): 258 tokens when both sides are at most
+    384 px, else 258 per 768x768 tile. Gemini 3 counts by media resolution: not guessed."""
+    name = (model or "").lower().rsplit("/", 1)[-1]
+    if size is None or not name.startswith(("gemini-1.5", "gemini-2")):
+        return None
+    w, h = size
+    if w <= 384 and h <= 384:
+        return 258
+    return 258 * math.ceil(w / 768) * math.ceil(h / 768)

@@ -23,6 +23,7 @@ from .base import (
     texts_of,
     tool_calls,
 )
+from .images import data_url_size, openai_image_tokens
 from .openai import estimate_tools
 
 # Event type -> kind of the text in its "delta".
@@ -112,6 +113,21 @@ class ResponsesStreamParser(JSONFrameParser):
             self.sink.error(str(obj.get("message") or obj.get("error") or "error event"))
 
 
+def _images(item: Any, model: str | None) -> int:
+    """input_image parts of an input message: OpenAI's image formula, when the size is known
+    (base64 data) or the detail is low."""
+    parts = item.get("content") if isinstance(item, dict) else None
+    n = 0
+    for part in parts if isinstance(parts, list) else []:
+        if isinstance(part, dict) and part.get("type") == "input_image":
+            url = part.get("image_url")
+            size = data_url_size(url) if isinstance(url, str) else None
+            detail = part.get("detail")
+            n += openai_image_tokens(model, size, detail if isinstance(detail, str) else None) \
+                or 0
+    return n
+
+
 class ResponsesDialect:
     name = "openai-responses"
 
@@ -135,6 +151,7 @@ class ResponsesDialect:
         if isinstance(inp, list):
             for item in inp:
                 n += 3 + sum(tokenizer.count(t) for t in texts_of(item, _ITEM_TEXT))
+                n += _images(item, info.model)
                 if isinstance(item, dict) and item.get("type") in _CALLS \
                         and isinstance(item.get("name"), str):
                     n += tokenizer.count(item["name"])
