@@ -353,6 +353,8 @@ class Meter:
                 if kind == REASONING:
                     self._reasoning_slots.add(slot)
                 self._new_answer(slot)
+                if kind == REASONING:
+                    self._structure = self.structure_tokens
         else:
             parts.append(text)
         if self.first_token_at is None:
@@ -428,8 +430,9 @@ class Meter:
     def structure_tokens(self) -> float:
         """Tokens the text does not show: answer framing, tool-call syntax, and the hidden
         reasoning this model steadily reports."""
-        return self.overheads.tokens(self.answers, self.calls) + \
-            self.hidden_expected * self.answers
+        return self.overheads.tokens(
+            self.answers, self.calls, bool(self._reasoning_slots) and not self.hidden_expected
+        ) + self.hidden_expected * self.answers
 
     @property
     def estimated_output(self) -> int:
@@ -476,7 +479,8 @@ class Meter:
                            answers=self.answers, calls=self.calls,
                            visible_output=max(r.output - hidden, 0),
                            plain=not (self.calls or self._reasoning_slots or r.reasoning
-                                      or TOOL in self.kinds))
+                                      or TOOL in self.kinds),
+                           reasoning=bool(self._reasoning_slots) and not hidden)
 
     @property
     def tool_choice(self) -> Any:

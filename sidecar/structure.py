@@ -22,15 +22,19 @@ from .calibration import Calibration
 
 @dataclass(frozen=True, slots=True)
 class Overheads:
-    """Tokens per answer, per tool call, and extra per call when a response makes several."""
+    """Tokens per answer, per tool call, extra per call when a response makes several, and
+    once for a reasoning block the stream shows (its delimiters and what a summary leaves out:
+    Claude 4 bills full thinking and streams a summary of long thinking)."""
 
     answer: float = 0.0
     call: float = 0.0
     parallel: float = 0.0
+    reasoning: float = 0.0
 
-    def tokens(self, answers: int, calls: int) -> float:
+    def tokens(self, answers: int, calls: int, reasoning: bool = False) -> float:
         return (answers * self.answer + calls * self.call
-                + (calls * self.parallel if calls > 1 else 0.0))
+                + (calls * self.parallel if calls > 1 else 0.0)
+                + (self.reasoning if reasoning else 0.0))
 
 
 # Model-name prefixes (of the name's last path segment, lowercase) -> family. Longest first.
@@ -94,6 +98,7 @@ DEFAULT = Overheads(1, 10, 0)
 # about hidden reasoning or server-side work than about framing, and is not learned from.
 ANSWER_BOUNDS = (0.0, 64.0)
 CALL_BOUNDS = (0.0, 128.0)
+REASONING_BOUNDS = (0.0, 256.0)
 # The answer overhead is only learned where the text's own count cannot swamp it: exact
 # tokenizers, or answers this short.
 ANSWER_LEARN_MAX_TEXT = 100
@@ -128,12 +133,13 @@ def overheads(calibration: Calibration | None, model: str | None) -> Overheads:
     if calibration is None:
         return seed
     values = []
-    for kind, default in (("answer", seed.answer), ("call", seed.call)):
+    for kind, default in (("answer", seed.answer), ("call", seed.call),
+                          ("reasoning", seed.reasoning)):
         learned = calibration.offset(model, "output_" + kind)
         if learned is None:
             learned = calibration.offset(_family_key(model), "output_" + kind)
         values.append(default if learned is None else learned)
-    return Overheads(values[0], values[1], seed.parallel)
+    return Overheads(values[0], values[1], seed.parallel, values[2])
 
 
 def scale(calibration: Calibration | None, model: str | None, token_type: str) -> float:
@@ -197,6 +203,7 @@ class Observation:
     calls: int
     visible_output: int
     plain: bool = True  # text only: no reasoning shown or reported, no tool calls
+    reasoning: bool = False  # the stream showed reasoning that was billed (not a mere summary)
 
 
 def learn(calibration: Calibration, obs: Observation) -> bool:
@@ -215,10 +222,15 @@ def learn(calibration: Calibration, obs: Observation) -> bool:
     if obs.calls == 0:
         if not obs.exact and text_tokens > ANSWER_LEARN_MAX_TEXT:
             return moved
-        kind, value, bounds = "answer", residual / obs.answers, ANSWER_BOUNDS
+        if obs.reasoning:
+            kind, bounds = "reasoning", REASONING_BOUNDS
+            value = residual - obs.answers * current.answer
+        else:
+            kind, value, bounds = "answer", residual / obs.answers, ANSWER_BOUNDS
     else:
         rest = residual - obs.answers * current.answer - (
-            obs.calls * current.parallel if obs.calls > 1 else 0.0)
+            obs.calls * current.parallel if obs.calls > 1 else 0.0) - (
+            current.reasoning if obs.reasoning else 0.0)
         kind, value, bounds = "call", rest / obs.calls, CALL_BOUNDS
     for key in (obs.model, _family_key(obs.model)):
         moved = calibration.observe_offset(key, "output_" + kind, value, bounds) or moved
@@ -229,7 +241,7 @@ def estimate(calibration: Calibration | None, obs: Observation) -> int:
     """The output estimate of a response's visible part with what ``calibration`` learned."""
     over = overheads(calibration, obs.model)
     return round(obs.raw_text * scale(calibration, obs.model, "output")
-                 + over.tokens(obs.answers, obs.calls))
+                 + over.tokens(obs.answers, obs.calls, obs.reasoning))
 
 
 # -- the input side ---------------------------------------------------------------------------

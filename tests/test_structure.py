@@ -486,3 +486,32 @@ async def test_steady_hidden_reasoning_counts_for_streams_without_usage(stack: S
     assert rec["output_source"] == "estimated"
     assert rec["output_tokens"] == pytest.approx(visible + 1000, abs=20)
     assert rec["reasoning_tokens"] == pytest.approx(1000, abs=20)
+
+
+def test_reasoning_block_overhead_is_learned_apart_from_the_answer() -> None:
+    """Claude 4 bills its full thinking but streams a summary of long thinking: answers that
+    show reasoning teach the reasoning block's overhead, not the answer's."""
+    cal = Calibration()
+    seed = SEEDS["claude"]
+    for _ in range(10):
+        learn(cal, Observation(model="claude-sonnet-4-5", raw_text=50, exact=False, answers=1,
+                               calls=0, visible_output=round(50 + seed.answer + 9),
+                               plain=False, reasoning=True))
+    over = overheads(cal, "claude-sonnet-4-5")
+    assert over.reasoning == pytest.approx(9, abs=0.5) and over.answer == seed.answer
+    assert estimate(cal, Observation(model="claude-sonnet-4", raw_text=30, exact=False,
+                                     answers=1, calls=0, visible_output=0, plain=False,
+                                     reasoning=True)) == round(30 + seed.answer + over.reasoning)
+
+
+def test_meter_counts_the_reasoning_block_live(tokenizers: Tokenizers) -> None:
+    d = get_dialect("openai")
+    info = d.parse_request("/", "", orjson.dumps({"model": "deepseek-reasoner"}))
+    meter = Meter(d, info, tokenizers.for_model("deepseek-reasoner"), lambda: 0.0,
+                  output_overheads=Overheads(answer=0, call=0, parallel=0, reasoning=12))
+    meter.start_response("text/event-stream", None)
+    meter.feed(sse({"choices": [{"index": 0, "delta": {"reasoning_content": "Let me think"}}]},
+                   done=False))
+    assert meter.take_live() >= 12
+    meter.end_of_body()
+    assert meter.estimated_output == round(meter.raw_estimated_output + 12)
