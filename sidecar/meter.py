@@ -186,8 +186,8 @@ class Meter:
             if isinstance(body, dict) and not _PLAIN_KEYS.issuperset(body):
                 self.prompt_tools = len(tool_definitions(body))
                 self.prompt_thinking = thinking_requested(body)
-            self.prompt_estimate = round(raw * self.input_scale + self.input_overheads.tokens(
-                self.prompt_tools, self.prompt_thinking))
+            self.prompt_estimate = max(0, round(raw * self.input_scale + self.input_overheads
+                                                .tokens(self.prompt_tools, self.prompt_thinking)))
         except Exception:  # a body we cannot read must not break the request
             self.malformed("request body could not be estimated")
             self.prompt_estimate = 0

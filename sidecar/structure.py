@@ -272,7 +272,10 @@ INPUT_SEEDS: dict[str, InputOverheads] = {
     "claude": InputOverheads(0, 346, 0),
 }
 _NO_INPUT_SEED = InputOverheads()
-REQUEST_BOUNDS = (0.0, 4096.0)
+# A request's overhead may be negative: the framing assumed per message (OpenAI's 3) is more
+# than some APIs count (Bedrock's Nova counts the texts alone).
+REQUEST_BOUNDS = (-64.0, 4096.0)
+THINKING_BOUNDS = (0.0, 4096.0)
 TOOL_BOUNDS = (0.0, 1024.0)
 # A request's own overhead is learned only where the text's count cannot swamp it.
 REQUEST_LEARN_MAX_TEXT = 200
@@ -406,7 +409,7 @@ def learn_input(calibration: Calibration, obs: InputObservation) -> bool:
         value = (residual - current.request - current.tools
                  - (current.thinking if obs.thinking else 0.0)) / obs.tools
     elif obs.thinking:
-        kind, value, bounds = "thinking", residual - current.request, REQUEST_BOUNDS
+        kind, value, bounds = "thinking", residual - current.request, THINKING_BOUNDS
     else:
         kind, value, bounds = "request@" + obs.api, residual, REQUEST_BOUNDS
     for key in (obs.model, _family_key(obs.model)):
@@ -416,5 +419,5 @@ def learn_input(calibration: Calibration, obs: InputObservation) -> bool:
 
 def estimate_input(calibration: Calibration | None, obs: InputObservation) -> int:
     over = input_overheads(calibration, obs.model, obs.api, obs.tool_choice)
-    return round(obs.raw_text * scale(calibration, obs.model, "input")
-                 + over.tokens(obs.tools, obs.thinking))
+    return max(0, round(obs.raw_text * scale(calibration, obs.model, "input")
+                        + over.tokens(obs.tools, obs.thinking)))

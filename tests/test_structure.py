@@ -515,3 +515,18 @@ def test_meter_counts_the_reasoning_block_live(tokenizers: Tokenizers) -> None:
     assert meter.take_live() >= 12
     meter.end_of_body()
     assert meter.estimated_output == round(meter.raw_estimated_output + 12)
+
+
+def test_request_overhead_can_be_negative_and_estimates_stay_non_negative() -> None:
+    """Nova on Bedrock counts the texts alone: the 3 tokens of framing assumed per message are
+    learned away, and no estimate goes below zero."""
+    cal = Calibration()
+    for _ in range(10):
+        learn_input(cal, InputObservation(model="us.amazon.nova-micro-v1:0", api="bedrock",
+                                          raw_text=19, exact=False, tools=0, tool_choice=None,
+                                          reported=13))
+    over = input_overheads(cal, "us.amazon.nova-micro-v1:0", "bedrock")
+    assert over.request == pytest.approx(-6, abs=0.5)
+    assert estimate_input(cal, InputObservation(
+        model="us.amazon.nova-micro-v1:0", api="bedrock", raw_text=2, exact=False, tools=0,
+        tool_choice=None, reported=0)) == 0
