@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .calibration import Calibration
+from .calibration import OFFSET_MAX_SAMPLES, Calibration
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,18 +127,32 @@ def _family_key(model: str | None) -> str:
     return "family:" + family_of(model)
 
 
+# The seed counts as this many observations beside what a deployment learns: one answer cannot
+# overrule a published format, fifty can.
+SEED_WEIGHT = 1
+
+
 def overheads(calibration: Calibration | None, model: str | None) -> Overheads:
-    """Seed, else what this deployment learned for the family, else for the model itself."""
+    """What the model (else its family) learned, with the family's seed counted as
+    SEED_WEIGHT observations among them; the seed alone before any."""
     seed = SEEDS.get(family_of(model), DEFAULT)
     if calibration is None:
         return seed
     values = []
-    for kind, default in (("answer", seed.answer), ("call", seed.call),
-                          ("reasoning", seed.reasoning)):
-        learned = calibration.offset(model, "output_" + kind)
+    # (the reasoning block has no seed: nothing to weigh what is learned against)
+    for kind, default, weight in (("answer", seed.answer, SEED_WEIGHT),
+                                  ("call", seed.call, SEED_WEIGHT),
+                                  ("reasoning", seed.reasoning, 0)):
+        key = model
+        learned = calibration.offset(key, "output_" + kind)
         if learned is None:
-            learned = calibration.offset(_family_key(model), "output_" + kind)
-        values.append(default if learned is None else learned)
+            key = _family_key(model)
+            learned = calibration.offset(key, "output_" + kind)
+        if learned is None:
+            values.append(default)
+        else:
+            n = min(calibration.samples(key, "output_" + kind), OFFSET_MAX_SAMPLES)
+            values.append((default * weight + learned * n) / (weight + n))
     return Overheads(values[0], values[1], seed.parallel, values[2])
 
 
