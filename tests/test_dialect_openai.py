@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from sidecar.dialects.base import Usage
-from sidecar.dialects.openai import OpenAIDialect, estimate_chat_prompt, usage_from
+from sidecar.dialects.openai import OpenAIDialect, estimate_chat_prompt, rendered_tools, usage_from
 from sidecar.frames import Frame
 from sidecar.tokens import Tokenizers
 
@@ -129,23 +129,24 @@ def _cookbook_chat_cases() -> list[Any]:
     out = []
     for rev in data["revisions"]:
         for case in rev["cases"]:
-            if "tools" in case["request"]:
-                continue  # tool definitions are counted by the provider-format work (issue 3)
             for res in case["results"]:
                 # The older revision's bare "gpt-3.5-turbo" resolved to 0301 at run time.
                 model = res["model"]
                 if model == "gpt-3.5-turbo" and rev["commit"].startswith("06d9feb"):
                     model = "gpt-3.5-turbo-0301"
-                out.append(pytest.param(case["request"]["messages"], model,
-                                        res["api_prompt_tokens"],
+                out.append(pytest.param(case["request"], model, res["api_prompt_tokens"],
                                         id=f"{case['id']}-{res['model']}-{rev['commit'][:7]}"))
     return out
 
 
-@pytest.mark.parametrize("messages, model, api_tokens", _cookbook_chat_cases())
-def test_prompt_formula_matches_published_api_counts(tokenizers: Tokenizers, messages: Any,
+@pytest.mark.parametrize("request_body, model, api_tokens", _cookbook_chat_cases())
+def test_prompt_formula_matches_published_api_counts(tokenizers: Tokenizers, request_body: Any,
                                                      model: str, api_tokens: int) -> None:
-    assert estimate_chat_prompt(messages, model, tokenizers.for_model(model)) == api_tokens
+    """Every published count of the Cookbook, tool definitions included (rendered as OpenAI's
+    TypeScript namespace)."""
+    tok = tokenizers.for_model(model)
+    assert estimate_chat_prompt(request_body["messages"], model, tok) + rendered_tools(
+        request_body["messages"], request_body.get("tools") or [], tok) == api_tokens
 
 
 @pytest.mark.parametrize("prompt, expect", [("hello world", 2), (["hello", "world"], 2),

@@ -346,7 +346,7 @@ def _prompt(dialect: str, body: dict[str, object], tokenizers: Tokenizers,
 
 def test_responses_prompt_counts_tools_instructions_and_call_items(
         tokenizers: Tokenizers) -> None:
-    from sidecar.dialects.openai import estimate_tools
+    from sidecar.dialects.openai import rendered_tools
 
     tok = tokenizers.for_model("gpt-4o")
     base = {"model": "gpt-4o", "instructions": "Be brief.", "input": [
@@ -359,8 +359,8 @@ def test_responses_prompt_counts_tools_instructions_and_call_items(
     plain = _prompt("openai-responses", base, tokenizers)
     with_tools = _prompt("openai-responses", {**base, "tools": [tool]}, tokenizers)
     assert with_tools.prompt_tools == 1
-    assert with_tools.prompt_estimate - plain.prompt_estimate == estimate_tools(
-        [{"function": tool}], "gpt-4o", tok)
+    assert with_tools.prompt_estimate - plain.prompt_estimate == rendered_tools(
+        [{"role": "system", "content": "Be brief."}], [{"function": tool}], tok)
     no_name = _prompt("openai-responses", {**base, "input": [
         {k: v for k, v in i.items() if k != "name"} for i in base["input"]]}, tokenizers)
     assert plain.prompt_estimate - no_name.prompt_estimate == tok.count("get_capital")

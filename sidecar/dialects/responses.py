@@ -24,7 +24,7 @@ from .base import (
     tool_calls,
 )
 from .images import data_url_size, openai_image_tokens
-from .openai import estimate_tools
+from .openai import rendered_tools
 
 # Event type -> kind of the text in its "delta".
 _DELTAS = {
@@ -143,8 +143,10 @@ class ResponsesDialect:
         if isinstance(instructions, str):
             n += tokenizer.count(instructions) + 3
         tools = tool_definitions(body)
-        if tools:  # rendered as OpenAI renders chat tools (the Cookbook's count)
-            n += estimate_tools([{"function": t} for t in tools], info.model, tokenizer)
+        if tools:  # rendered as OpenAI renders chat tools
+            system = [{"role": "system", "content": instructions}] \
+                if isinstance(instructions, str) and instructions else []
+            n += rendered_tools(system, [{"function": t} for t in tools], tokenizer)
         inp = body.get("input")
         if isinstance(inp, str):
             return n + tokenizer.count(inp) + 3 + 3
