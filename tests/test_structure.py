@@ -278,6 +278,13 @@ def test_recorded_captures_accuracy() -> None:
             and not f["unestimable"]]
     assert len(tool) >= 15
     assert sorted(tool)[len(tool) // 2] <= 0.15 and max(tool) <= 0.35
+    public = {"gpt-4", "gpt-5", "o-series", "gpt-oss", "deepseek", "qwen", "mistral"}
+    texts = [f for f in data["files"] if f["kind"] == "text" and f["family"] in public
+             and f["reported_output"] and not f["unestimable"]]
+    assert len(texts) >= 8
+    for f in texts:  # text from a public tokenizer: within 1% or 3 tokens, whichever is larger
+        visible = f["reported_output"] - f["hidden_reasoning"]
+        assert abs(f["estimated_output_warm"] - visible) <= max(0.01 * visible, 3), f["file"]
     for row in data["summary"]:  # every provider folder's output, warm, within 10% (median)
         median = row["output_estimate_warm_median_abs_error"]
         assert median is None or median <= 0.10, row["group"]
