@@ -102,12 +102,7 @@ class Calibration:
             f = self._factors.setdefault(key, Factor(value=0.0))
             if f.samples >= OFFSET_SETTLED and abs(value - f.value) > max(10.0, f.value):
                 return False
-            n = min(f.weight, OFFSET_MAX_SAMPLES)
-            f.value = (f.value * n + value) / (n + 1)
-            f.weight = n + 1
-            f.samples += 1
-            self.dirty = True
-            self.version += 1
+            self._add(f, value)
             return True
 
     def samples(self, model: str | None, kind: str) -> int:
@@ -123,13 +118,18 @@ class Calibration:
         with self._lock:
             f = self._factors.setdefault((model, kind), Factor(value=0.0))
             deviation = abs(value - f.value) if f.samples else 0.0
-            n = min(f.weight, OFFSET_MAX_SAMPLES)
-            f.value = (f.value * n + value) / (n + 1)
-            f.weight = n + 1
-            f.samples += 1
-            self.dirty = True
-            self.version += 1
+            self._add(f, value)
             return deviation
+
+    def _add(self, f: Factor, value: float) -> None:
+        """One more observation in a running mean over the last OFFSET_MAX_SAMPLES (the lock is
+        held by the caller)."""
+        n = min(f.weight, OFFSET_MAX_SAMPLES)
+        f.value = (f.value * n + value) / (n + 1)
+        f.weight = n + 1
+        f.samples += 1
+        self.dirty = True
+        self.version += 1
 
     def snapshot(self) -> dict[tuple[str, str], Factor]:
         with self._lock:
