@@ -2,7 +2,8 @@
 realtime session meter.
 
 Any bytes in: the decoders may only return frames or FrameError, dialects may only report
-through the sink, and the meters must never raise (the realtime meter reads the input's lines as
+through the sink, request bodies are estimated and learned from without raising, and the meters
+must never raise (the realtime meter reads the input's lines as
 WebSocket messages, alternately from the client and the server). Run by hand for long sessions:
     .venv/bin/python fuzz/fuzz_meter.py -max_total_time=600 fuzz/corpus
 The test suite runs it for a bounded number of inputs (tests/test_fuzz.py).
@@ -15,6 +16,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
+    from sidecar import structure
+    from sidecar.calibration import Calibration
     from sidecar.dialects import DIALECTS
     from sidecar.dialects.base import RequestInfo
     from sidecar.frames import (
@@ -68,7 +71,22 @@ def test_one_input(data: bytes) -> None:
               s.estimated_output_tokens, s.cached_input_tokens or 0, s.reasoning_tokens or 0)
     if min(counts) < 0:
         raise AssertionError(f"negative count in {s}")
-    dialect.parse_request("/x", "", payload[:512])
+    # The request side and learning: any body, then what the response taught.
+    req = dialect.parse_request("/x", "", payload[:4096])
+    asked = Meter(dialect, req, tokenizer, lambda: 0.0)
+    if asked.estimate_prompt() < 0:
+        raise AssertionError("negative prompt estimate")
+    body = req.body
+    structure.tool_definitions(body)
+    structure.server_tools(body)
+    structure.thinking_requested(body)
+    structure.effort_of(body)
+    cal = Calibration()
+    for obs in (meter.observation(), asked.input_observation()):
+        if isinstance(obs, structure.Observation):
+            structure.learn(cal, obs)
+        elif obs is not None:
+            structure.learn_input(cal, obs)
 
     rt = RealtimeMeter(protocol, None, _TOK.for_model)
     for i, line in enumerate(payload.split(b"\n")):

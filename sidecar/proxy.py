@@ -237,7 +237,8 @@ class Proxy:
         body = body if isinstance(body, dict) else {}
         choice = body.get("tool_choice")
         effort = structure.effort_of(body)
-        key = (model, api, effort, choice.get("type") if isinstance(choice, dict) else None)
+        kind = choice.get("type") if isinstance(choice, dict) else None
+        key = (model, api, effort, kind if isinstance(kind, str) else None)
         hit = self._learned_cache.get(key)
         cal = self.calibration
         if hit is not None and hit.version == cal.version:

@@ -346,6 +346,12 @@ def thinking_requested(body: object) -> bool:
 _CLIENT_TOOL_TYPES = frozenset({None, "function", "custom", "tool"})
 
 
+def _tool_type(tool: dict[str, object]) -> object:
+    """A tool's "type", or a marker for one that is not a string (never unhashable)."""
+    kind = tool.get("type")
+    return kind if kind is None or isinstance(kind, str) else "?"
+
+
 def tool_definitions(body: object) -> list[dict[str, object]]:
     """The request's client-side tool definitions, whatever the format: OpenAI chat and
     Responses, Anthropic, Gemini functionDeclarations, Bedrock toolConfig, ERNIE and legacy
@@ -369,7 +375,7 @@ def tool_definitions(body: object) -> list[dict[str, object]]:
             out.append(tool["function"])
         elif isinstance(tool.get("toolSpec"), dict):
             out.append(tool["toolSpec"])
-        elif tool.get("type") in _CLIENT_TOOL_TYPES and isinstance(tool.get("name"), str):
+        elif _tool_type(tool) in _CLIENT_TOOL_TYPES and isinstance(tool.get("name"), str):
             out.append(tool)
     return out
 
@@ -383,7 +389,7 @@ def server_tools(body: object) -> list[str]:
     for tool in body.get("tools") or []:
         if not isinstance(tool, dict):
             continue
-        kind = tool.get("type")
+        kind = _tool_type(tool)
         if kind not in _CLIENT_TOOL_TYPES:
             names.append(str(kind))
         for key in ("googleSearch", "google_search", "googleSearchRetrieval", "codeExecution",

@@ -547,3 +547,20 @@ def test_request_overhead_can_be_negative_and_estimates_stay_non_negative() -> N
     assert estimate_input(cal, InputObservation(
         model="us.amazon.nova-micro-v1:0", api="bedrock", raw_text=2, exact=False, tools=0,
         tool_choice=None, reported=0)) == 0
+
+
+async def test_odd_request_fields_never_break_the_request(stack: Stack) -> None:
+    """Types no API sends (a list as a tool's type or as tool_choice's) are estimated around:
+    the request goes through and is recorded."""
+    assert tool_definitions({"tools": [{"type": ["x"], "name": "f"}]}) == []
+    assert server_tools({"tools": [{"type": {"a": 1}}]}) == ["?"]
+    sid = stack.upstream.add(Script(chunks=[chat_chunks("fine", 2)]))
+    async with aiohttp.ClientSession() as s, s.post(
+            stack.proxy_url + "/v1/chat/completions",
+            json={"model": "gpt-4o", "stream": True, "tool_choice": {"type": ["any"]},
+                  "reasoning_effort": ["high"], "tools": [{"type": ["function"], "name": "f"}],
+                  "messages": [{"role": "user", "content": "hi"}]},
+            headers={"X-Script": sid}) as r:
+        assert r.status == 200
+        await r.read()
+    assert stack.records[-1]["status"] == 200
