@@ -123,8 +123,11 @@ def family_of(model: str | None) -> str:
     return "other"
 
 
-def _family_key(model: str | None) -> str:
-    return "family:" + family_of(model)
+def _family_key(model: str | None) -> str | None:
+    """Where a family's learned values live; None for models of no known family (what one
+    unknown model teaches must not apply to every other)."""
+    family = family_of(model)
+    return None if family == "other" else "family:" + family
 
 
 # The seed counts as this many observations beside what a deployment learns: one answer cannot

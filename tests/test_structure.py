@@ -564,3 +564,15 @@ async def test_odd_request_fields_never_break_the_request(stack: Stack) -> None:
         assert r.status == 200
         await r.read()
     assert stack.records[-1]["status"] == 200
+
+
+def test_models_of_no_known_family_learn_only_for_themselves() -> None:
+    cal = Calibration()
+    for _ in range(10):
+        learn_input(cal, InputObservation(model="acme-large", api="openai", raw_text=9,
+                                          exact=False, tools=0, tool_choice=None, reported=43))
+        learn(cal, Observation(model="acme-large", raw_text=10, exact=False, answers=1, calls=0,
+                               visible_output=30))
+    assert input_overheads(cal, "acme-large", "openai").request == pytest.approx(34)
+    assert input_overheads(cal, "text-embedding-foo", "openai").request == 0
+    assert overheads(cal, "zeta-small") == overheads(None, "zeta-small")
