@@ -23,6 +23,7 @@ from .structure import (
     InputOverheads,
     Observation,
     Overheads,
+    has_media,
     input_overheads,
     overheads,
     thinking_requested,
@@ -495,7 +496,8 @@ class Meter:
         return InputObservation(model=model or self.model_name, api=self.dialect.name,
                                 raw_text=self.raw_prompt_estimate, exact=self.tokenizer.exact,
                                 tools=self.prompt_tools, tool_choice=self.tool_choice,
-                                reported=r.input, thinking=self.prompt_thinking)
+                                reported=r.input, thinking=self.prompt_thinking,
+                                media=has_media(self.info.body))
 
     def settle(self, billable: bool = True) -> Settlement:
         """The final counts. ``billable=False`` (the provider never answered, or refused the

@@ -412,17 +412,45 @@ class InputObservation:
     tool_choice: object
     reported: int
     thinking: bool = False
+    media: bool = False  # images, audio or files the estimate may not have counted
+
+
+_MEDIA_TYPES = frozenset({"image_url", "input_image", "image", "file", "input_file",
+                          "input_audio", "audio", "document", "video", "video_url"})
+_MEDIA_KEYS = ("image_url", "input_audio", "fileData", "file_data", "inlineData", "inline_data",
+               "image", "document", "video")
+
+
+def has_media(body: object, depth: int = 0) -> bool:
+    """Whether a request carries media parts (images, audio, files, video) anywhere in its
+    messages: their tokens are counted only where a published formula and their size are
+    known, so such requests do not teach the prompt's overheads."""
+    if depth > 8:
+        return False
+    if isinstance(body, dict):
+        kind = body.get("type")
+        if isinstance(kind, str) and kind in _MEDIA_TYPES:
+            return True
+        if any(key in body for key in _MEDIA_KEYS):
+            return True
+        return any(has_media(v, depth + 1) for v in body.values()
+                   if isinstance(v, dict | list))
+    if isinstance(body, list):
+        return any(has_media(v, depth + 1) for v in body if isinstance(v, dict | list))
+    return False
 
 
 def learn_input(calibration: Calibration, obs: InputObservation) -> bool:
     """Learn the tokenizer factor (large plain prompts of profiles without a public tokenizer),
-    else the per-request overhead (no tools) or the per-tool overhead (with tools)."""
-    if not obs.model:
+    else the per-request overhead (no tools) or the per-tool overhead (with tools). Requests
+    with media teach nothing (their parts may have gone uncounted)."""
+    if not obs.model or obs.media:
         return False
     current = input_overheads(calibration, obs.model, obs.api, obs.tool_choice)
     moved = False
     if not obs.exact and not obs.tools and obs.raw_text > REQUEST_LEARN_MAX_TEXT:
-        net = round(obs.reported - current.request)
+        net = round(obs.reported - current.request
+                    - (current.thinking if obs.thinking else 0.0))
         for key in (obs.model, _family_key(obs.model)):
             moved = calibration.observe(key, "input", obs.raw_text, net) or moved
         return moved

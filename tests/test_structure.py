@@ -576,3 +576,24 @@ def test_models_of_no_known_family_learn_only_for_themselves() -> None:
     assert input_overheads(cal, "acme-large", "openai").request == pytest.approx(34)
     assert input_overheads(cal, "text-embedding-foo", "openai").request == 0
     assert overheads(cal, "zeta-small") == overheads(None, "zeta-small")
+
+
+@pytest.mark.parametrize("body, media", [
+    ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}]}]}, True),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     True),
+    ({"contents": [{"parts": [{"fileData": {"fileUri": "gs://x"}}]}]}, True),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio",
+                                                 "input_audio": {"data": ""}}]}]}, True),
+    ({"messages": [{"role": "user", "content": "an image_url in text is text"}]}, False),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, False),
+])
+def test_requests_with_media_do_not_teach_prompt_overheads(body: object, media: bool) -> None:
+    from sidecar.structure import has_media
+
+    assert has_media(body) is media
+    cal = Calibration()
+    obs = InputObservation(model="gpt-4o", api="openai", raw_text=20, exact=True, tools=0,
+                           tool_choice=None, reported=785, media=has_media(body))
+    assert learn_input(cal, obs) is not media
