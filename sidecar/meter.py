@@ -466,7 +466,8 @@ class Meter:
 
     def observation(self, model: str | None = None) -> Observation | None:
         """What this response teaches the estimator (None without reported output): the
-        visible text and its structure against the reported output net of hidden reasoning.
+        visible text and its structure against the reported output net of hidden reasoning
+        and of audio (spoken answers are billed as audio tokens beside their transcript).
         ``model``: the name to learn under (default: the model the answer named)."""
         r = self.reported
         if r.output is None:
@@ -478,7 +479,7 @@ class Meter:
         return Observation(model=model or self.model_name, raw_text=raw,
                            exact=self.tokenizer.exact,
                            answers=self.answers, calls=self.calls,
-                           visible_output=max(r.output - hidden, 0),
+                           visible_output=max(r.output - hidden - (r.output_audio or 0), 0),
                            plain=not (self.calls or self._reasoning_slots or r.reasoning
                                       or TOOL in self.kinds),
                            reasoning=bool(self._reasoning_slots) and not hidden)

@@ -597,3 +597,13 @@ def test_requests_with_media_do_not_teach_prompt_overheads(body: object, media: 
     obs = InputObservation(model="gpt-4o", api="openai", raw_text=20, exact=True, tools=0,
                            tool_choice=None, reported=785, media=has_media(body))
     assert learn_input(cal, obs) is not media
+
+
+def test_audio_output_is_not_learned_as_answer_framing(tokenizers: Tokenizers) -> None:
+    usage = {"prompt_tokens": 5, "completion_tokens": 120, "total_tokens": 125,
+             "completion_tokens_details": {"audio_tokens": 110}}
+    data = sse({"choices": [{"index": 0, "delta": {"content": "hello there"}}]},
+               {"choices": [], "usage": usage})
+    meter = _meter("openai", "gpt-4o-audio-preview", data, tokenizers)
+    obs = meter.observation()
+    assert obs is not None and obs.visible_output == 10
