@@ -103,6 +103,9 @@ class Result:
     answers: int = 0
     tool_calls: int = 0
     observation: Observation | None = None
+    # What counted the text: an exact encoding ("o200k_base", "deepseek-v4", "tekken"...), or
+    # an encoding under a family's estimation profile ("o200k_base/claude").
+    tokenizer: str = ""
     # Input: warm as above; hidden_input says why the reported prompt holds what the request
     # never showed (server-side tools' results), and keeps the capture out of the medians.
     estimated_input_warm: int | None = None
@@ -264,6 +267,8 @@ def replay_file(path: Path, tokenizers: Tokenizers, dialect_name: str | None = N
         estimated_visible=estimate(None, obs) if obs else None,
         unestimable=unestimable(listing, family) if r.output is not None else None,
         answers=meter.answers, tool_calls=meter.calls, observation=obs,
+        tokenizer=meter.tokenizer.name if meter.tokenizer.exact
+        else f"{meter.tokenizer.name}/{meter.tokenizer.profile.name}",
         hidden_input=hidden_input(info.body) if info.body is not None else None,
         input_observation=meter.input_observation())
 

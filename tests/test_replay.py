@@ -43,6 +43,7 @@ def test_replay_own_files_json(tmp_path: Path) -> None:
     data = orjson.loads(out.getvalue())
     one = next(f for f in data["files"] if f["file"].endswith("one.sse"))
     assert one["reported_output"] == 3 and one["estimated_output"] == 3
+    assert one["tokenizer"] == "o200k_base"  # gpt-4o: exact
     assert one["estimated_input"] == 8 and one["source"] == "reported"
     assert data["summary"] == [{"group": "myprov", "files": 2, "with_usage": 1,
                                 "output_estimate_median_abs_error": 0.0,
