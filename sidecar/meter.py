@@ -351,10 +351,9 @@ class Meter:
             if slot not in self._counters:
                 self._counters[slot] = self.tokenizer.counter()
                 self.kinds.add(kind)
-                if kind == REASONING:
-                    self._reasoning_slots.add(slot)
                 self._new_answer(slot)
                 if kind == REASONING:
+                    self._reasoning_slots.add(slot)
                     self._structure = self.structure_tokens
         else:
             parts.append(text)
@@ -428,6 +427,11 @@ class Meter:
         return sum(c.total for c in self._counters.values())
 
     @property
+    def _reasoning_raw(self) -> float:
+        """Reasoning text shown, by the tokenizer profile alone."""
+        return sum(self._counters[s].total for s in self._reasoning_slots)
+
+    @property
     def structure_tokens(self) -> float:
         """Tokens the text does not show: answer framing, tool-call syntax, and the hidden
         reasoning this model steadily reports."""
@@ -440,15 +444,14 @@ class Meter:
         raw = self.raw_estimated_output
         if self.hidden_expected and self._reasoning_slots:
             # a summary stands for the hidden reasoning counted in the structure: not both
-            raw -= sum(self._counters[s].total for s in self._reasoning_slots)
+            raw -= self._reasoning_raw
         return round(raw * self.output_scale + self.structure_tokens)
 
     @property
     def estimated_reasoning(self) -> int:
         if self.hidden_expected and self.answers:
             return round(self.hidden_expected * self.answers)
-        return round(sum(self._counters[s].total for s in self._reasoning_slots)
-                     * self.output_scale)
+        return round(self._reasoning_raw * self.output_scale)
 
     # Reported reasoning more than this many times the reasoning text the stream showed was
     # not shown (a summary, or nothing): the estimate cannot see it.
@@ -461,7 +464,7 @@ class Meter:
         reported = self.reported.reasoning
         if not reported:
             return 0
-        seen = sum(self._counters[s].total for s in self._reasoning_slots) * self.output_scale
+        seen = self._reasoning_raw * self.output_scale
         return reported if seen * self.SUMMARY_RATIO < reported else 0
 
     def observation(self, model: str | None = None) -> Observation | None:
@@ -475,7 +478,7 @@ class Meter:
         hidden = self.hidden_reasoning
         raw = self.raw_estimated_output
         if hidden:  # a reasoning summary is not what was billed: leave it out of both sides
-            raw -= sum(self._counters[s].total for s in self._reasoning_slots)
+            raw -= self._reasoning_raw
         return Observation(model=model or self.model_name, raw_text=raw,
                            exact=self.tokenizer.exact,
                            answers=self.answers, calls=self.calls,

@@ -141,22 +141,23 @@ def overheads(calibration: Calibration | None, model: str | None) -> Overheads:
     seed = SEEDS.get(family_of(model), DEFAULT)
     if calibration is None:
         return seed
-    values = []
     # (the reasoning block has no seed: nothing to weigh what is learned against)
-    for kind, default, weight in (("answer", seed.answer, SEED_WEIGHT),
-                                  ("call", seed.call, SEED_WEIGHT),
-                                  ("reasoning", seed.reasoning, 0)):
-        key = model
-        learned = calibration.offset(key, "output_" + kind)
-        if learned is None:
-            key = _family_key(model)
-            learned = calibration.offset(key, "output_" + kind)
-        if learned is None:
-            values.append(default)
-        else:
-            n = min(calibration.samples(key, "output_" + kind), OFFSET_MAX_SAMPLES)
-            values.append((default * weight + learned * n) / (weight + n))
-    return Overheads(values[0], values[1], seed.parallel, values[2])
+    return Overheads(_learned(calibration, model, "output_answer", seed.answer, SEED_WEIGHT),
+                     _learned(calibration, model, "output_call", seed.call, SEED_WEIGHT),
+                     seed.parallel,
+                     _learned(calibration, model, "output_reasoning", seed.reasoning, 0))
+
+
+def _learned(calibration: Calibration, model: str | None, kind: str, seed: float,
+             seed_weight: int) -> float:
+    """What the model learned of ``kind``, else its family, else the seed; with the seed
+    counted as ``seed_weight`` observations beside the learned ones."""
+    for key in (model, _family_key(model)):
+        learned = calibration.offset(key, kind)
+        if learned is not None:
+            n = min(calibration.samples(key, kind), OFFSET_MAX_SAMPLES)
+            return (seed * seed_weight + learned * n) / (seed_weight + n)
+    return seed
 
 
 def scale(calibration: Calibration | None, model: str | None, token_type: str) -> float:
@@ -315,15 +316,12 @@ def input_overheads(calibration: Calibration | None, model: str | None,
         seed = InputOverheads(seed.request, tools, seed.tool)
     if calibration is None:
         return seed
-    values = []
-    # the thinking preamble is the model's, whatever the API it is reached by
-    for kind, default in (("request@" + api, seed.request), ("tool@" + api, seed.tool),
-                          ("thinking", seed.thinking)):
-        learned = calibration.offset(model, "input_" + kind)
-        if learned is None:
-            learned = calibration.offset(_family_key(model), "input_" + kind)
-        values.append(default if learned is None else learned)
-    return InputOverheads(values[0], seed.tools, values[1], values[2])
+    # the thinking preamble is the model's, whatever the API it is reached by; input seeds
+    # are mostly "unknown" (0): what is learned replaces them
+    return InputOverheads(_learned(calibration, model, "input_request@" + api, seed.request, 0),
+                          seed.tools,
+                          _learned(calibration, model, "input_tool@" + api, seed.tool, 0),
+                          _learned(calibration, model, "input_thinking", seed.thinking, 0))
 
 
 def thinking_requested(body: object) -> bool:
