@@ -277,9 +277,10 @@ PROXY_CPUS: list[str] = []
 
 
 def start_sidecar(name: str, upstream: str, tree: Path, config: Path | None,
-                  workers: int = 1) -> Target:
+                  workers: int = 1, entry: list[str] | None = None) -> Target:
     """A sidecar from a source tree (this checkout, or a baseline worktree), its own process
-    (a supervisor and its workers with ``workers`` > 1)."""
+    (a supervisor and its workers with ``workers`` > 1); ``entry`` replaces ``-m sidecar``
+    (bench/app_floor.py: the same process and app without accounting)."""
     port, mport = free_port(), free_port()
     env = {**os.environ, "SIDECAR_RECORDS": "off", "SIDECAR_STATE": "memory://",
            "SIDECAR_LOG_LEVEL": "warning", "SIDECAR_MAX_CONCURRENT_REQUESTS": "100000",
@@ -287,8 +288,9 @@ def start_sidecar(name: str, upstream: str, tree: Path, config: Path | None,
     if workers > 1:
         env["SIDECAR_WORKERS"] = str(workers)
         env["SIDECAR_STATE"] = f"sqlite:////tmp/sidecar-bench-{os.getpid()}-{port}.db"
-    cmd = [*PROXY_CPUS, sys.executable, "-m", "sidecar", "run", "--upstream", upstream,
-           "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{mport}"]
+    cmd = [*PROXY_CPUS, sys.executable, *(entry or ["-m", "sidecar"]), "run",
+           "--upstream", upstream, "--listen", f"127.0.0.1:{port}",
+           "--metrics-listen", f"127.0.0.1:{mport}"]
     if config is not None:
         cmd += ["--config", str(config)]
     return Target(name, f"http://127.0.0.1:{port}", subprocess.Popen(cmd, env=env, cwd=tree),
@@ -553,9 +555,14 @@ def scenario_layers() -> Table:
 
     counter = Counter("x", "x", ["a"], registry=CollectorRegistry()).labels("a")
     rows = []
-    for tokens in (1, 5, 20):
-        writes = writes_for(Shape(chunks=2000, tokens=tokens))
+    for tokens, per_write in ((1, 1), (5, 1), (20, 1), (3, 8)):
+        shape = Shape(chunks=2000, tokens=tokens, per_write=per_write)
+        writes = writes_for(shape)
         events = 2000
+        # What an exact count cannot go below: tiktoken on each read's text, nothing else.
+        texts = ["".join(WORDS[(i + j) % len(WORDS)] for i in range(k, min(k + per_write, 2000))
+                         for j in range(tokens)) for k in range(0, 2000, per_write)]
+        label = f"{tokens}" if per_write == 1 else f"{tokens}, {per_write} per read"
 
         def framing(writes: list[bytes] = writes) -> None:
             dec = SSEDecoder()
@@ -567,6 +574,11 @@ def scenario_layers() -> Table:
             for w in writes:
                 for f in dec.feed(w):
                     parser.on_frame(f)  # type: ignore[arg-type]
+
+        def tiktoken_alone(texts: list[str] = texts) -> None:
+            encode = tok.enc.encode_ordinary
+            for text in texts:
+                encode(text)
 
         def tokenizing(metrics: bool = False, writes: list[bytes] = writes) -> None:
             m = Meter(dialect, RequestInfo(model="gpt-4o-mini", stream=True), tok,
@@ -581,7 +593,9 @@ def scenario_layers() -> Table:
 
         for name, fn in (("framing only", framing), ("framing + dialect", with_dialect),
                          ("meter: framing + dialect + tokenizing", tokenizing),
-                         ("meter + live counter (full path)", lambda: tokenizing(True))):
+                         ("meter + live counter (full path)", lambda: tokenizing(True)),
+                         ("tiktoken alone on each read's text (the exact count's floor)",
+                          tiktoken_alone)):
             fn()
             runs = []
             for _ in range(5):
@@ -589,7 +603,7 @@ def scenario_layers() -> Table:
                 fn()
                 runs.append(time.process_time() - t0)
             ms = min(runs) / events * 1000 * 1000
-            rows.append([str(tokens), name, f"{ms:.1f}", f"{1000 / ms * 1000:,.0f}"])
+            rows.append([label, name, f"{ms:.2f}", f"{1000 / ms * 1000:,.0f}"])
     return ("3b. Accounting cost per layer (sans-IO, one core)",
             ["tokens/event", "layers", "CPU ms / 1000 events", "events/s"], rows)
 
@@ -715,10 +729,26 @@ async def scenario_soak(targets: list[Target], seconds: float) -> Table:
             ["target", "seconds", "RSS start MiB", "RSS end MiB", "slope KiB/min"], rows)
 
 
-async def scenario_nonstream(targets: list[Target]) -> Table:
-    rows = []
+async def scenario_nonstream(targets: list[Target], upstream: str) -> Table:
+    """Requests/s of each target, and of the sidecar's own process and app with the accounting
+    taken out (bench/app_floor.py): what a request costs the sidecar before it meters."""
+    rows: list[list[str]] = []
     body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
     rates: dict[str, float] = {}
+    floor = await asyncio.to_thread(start_sidecar, "sidecar app, no accounting", upstream, ROOT,
+                                    None, 1, [str(ROOT / "bench" / "app_floor.py")])
+    await asyncio.to_thread(wait_port, int(floor.url.rsplit(":", 1)[1]), 120)
+    await asyncio.sleep(1.0)
+    try:
+        return await _nonstream([*targets, floor], body, rates, rows)
+    finally:
+        assert floor.proc is not None
+        floor.proc.terminate()
+        floor.proc.wait(30)
+
+
+async def _nonstream(targets: list[Target], body: bytes, rates: dict[str, float],
+                     rows: list[list[str]]) -> Table:
     for t in targets:
         done = 0
         seconds = 5.0
@@ -867,7 +897,7 @@ async def run(args: argparse.Namespace) -> list[Table]:
         ("odd", lambda: scenario_odd(targets)),
         ("memory", lambda: scenario_memory(targets, args.memory)),
         ("soak", lambda: scenario_soak(targets, args.soak_seconds)),
-        ("nonstream", lambda: scenario_nonstream(targets)),
+        ("nonstream", lambda: scenario_nonstream(targets, upstream)),
         ("workers", lambda: scenario_workers(targets, upstream)),
         ("ws", lambda: scenario_ws([t for t in targets if t.name != "litellm"])),
     ]
