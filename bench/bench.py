@@ -591,11 +591,12 @@ def scenario_layers() -> Table:
                     counter.inc(n)
             m.end_of_body()
 
-        for name, fn in (("framing only", framing), ("framing + dialect", with_dialect),
-                         ("meter: framing + dialect + tokenizing", tokenizing),
-                         ("meter + live counter (full path)", lambda: tokenizing(True)),
-                         ("tiktoken alone on each read's text (the exact count's floor)",
-                          tiktoken_alone)):
+        layers: list[tuple[str, Callable[[], None]]] = [
+            ("framing only", framing), ("framing + dialect", with_dialect),
+            ("meter: framing + dialect + tokenizing", tokenizing),
+            ("meter + live counter (full path)", lambda: tokenizing(True)),
+            ("tiktoken alone on each read's text (the exact count's floor)", tiktoken_alone)]
+        for name, fn in layers:
             fn()
             runs = []
             for _ in range(5):
