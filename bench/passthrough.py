@@ -12,9 +12,28 @@ import os
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 HOP = {"connection", "keep-alive", "transfer-encoding", "host", "content-length", "upgrade",
        "te", "trailer", "proxy-authorization", "proxy-authenticate"}
+
+
+async def forward(session: aiohttp.ClientSession, url: str | URL,
+                  request: web.Request) -> web.StreamResponse:
+    """Forward one request to ``url`` and relay the answer read by read: nothing else."""
+    body = await request.read()
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+    async with session.request(request.method, url, headers=headers,
+                               data=body or None) as up:
+        resp = web.StreamResponse(status=up.status)
+        for k, v in up.headers.items():
+            if k.lower() not in HOP:
+                resp.headers.add(k, v)
+        await resp.prepare(request)
+        async for chunk in up.content.iter_any():
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
 
 
 def make_app(upstream: str) -> web.Application:
@@ -49,19 +68,7 @@ def make_app(upstream: str) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await relay(request)
-        body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
-        async with app[session_key].request(request.method, upstream + request.raw_path,
-                                            headers=headers, data=body or None) as up:
-            resp = web.StreamResponse(status=up.status)
-            for k, v in up.headers.items():
-                if k.lower() not in HOP:
-                    resp.headers.add(k, v)
-            await resp.prepare(request)
-            async for chunk in up.content.iter_any():
-                await resp.write(chunk)
-            await resp.write_eof()
-            return resp
+        return await forward(app[session_key], upstream + request.raw_path, request)
 
     app.cleanup_ctx.append(ctx)
     app.router.add_route("*", "/{tail:.*}", handle)
