@@ -214,16 +214,20 @@ class Proxy:
         meter.hidden_expected = learned.hidden
         if not tokenizer.exact:
             meter.output_scale, meter.input_scale = learned.output_scale, learned.input_scale
-        budgets = self.ledger.matching({"key": ident.key, "team": ident.team,
-                                        "model": info.model or "", "provider": provider})
         book = self.policy.prices
         entry = book.resolve(provider, info.model, strict=target.provider_known)
-        in_rate, out_rate = live_rates(entry, self.wall()) if budgets else (None, None)
-        charge = Charge(budgets, in_rate, out_rate,
-                        blocking=tuple(b for b in budgets if b.action == "block"))
+        if self.ledger.budgets:
+            budgets = self.ledger.matching({"key": ident.key, "team": ident.team,
+                                            "model": info.model or "", "provider": provider})
+            in_rate, out_rate = live_rates(entry, self.wall()) if budgets else (None, None)
+            charge = Charge(budgets, in_rate, out_rate,
+                            blocking=tuple(b for b in budgets if b.action == "block"))
+        else:
+            charge = Charge(())
+        recorded = self.record is not None  # the key and an id serve the record alone
         return _Exchange(
-            secret=bearer_key(request.headers, request.query_string),
-            request_id=headers.get("X-Request-Id") or os.urandom(16).hex(),
+            secret=bearer_key(headers, request.query_string) if recorded else None,
+            request_id=(headers.get("X-Request-Id") or os.urandom(16).hex()) if recorded else "",
             method=request.method, path=path, stream_requested=info.stream, t0=t0,
             key=m.cap_key(ident.key), team=m.cap_team(ident.team), provider=provider,
             model=model, dialect=dialect_name, meter=meter, charge=charge, body=body,

@@ -29,6 +29,15 @@ def test_detect(path: str, headers: dict[str, str], dialect: str) -> None:
     assert detect(path, headers) == dialect
 
 
+def test_detect_outside_v1_asks_the_header_every_time() -> None:
+    """Paths are memoized; a /messages path outside /v1/ depends on the request's headers, so
+    the answer for one request must not stick to the next."""
+    for _ in range(2):
+        assert detect("/anthropic/messages", {"Anthropic-Version": "2023-06-01"}) == "anthropic"
+        assert detect("/anthropic/messages", {}) == "openai"
+        assert detect("/anthropic/messages") == "openai"
+
+
 @pytest.mark.parametrize("dialect, host, provider", [
     ("openai", "api.openai.com", "openai"), ("openai", "myres.openai.azure.com", "azure-openai"),
     ("openai", "api.deepseek.com", "deepseek"), ("openai", "one-api", "openai"),

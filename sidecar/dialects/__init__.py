@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 
 from .anthropic import AnthropicDialect
 from .base import Dialect, RequestInfo, Sink, Usage
@@ -37,6 +38,18 @@ def get_dialect(name: str) -> Dialect:
 
 def detect(path: str, headers: Mapping[str, str] | None = None) -> str:
     """The dialect of a request, from its path (and Anthropic's version header)."""
+    found = _by_path(path)
+    if found is not None:
+        return found
+    # ".../messages" outside /v1/: Anthropic's only when the version header says so
+    if any(k.lower() == "anthropic-version" for k in (headers or {})):
+        return "anthropic"
+    return "openai"
+
+
+@lru_cache(maxsize=4096)
+def _by_path(path: str) -> str | None:
+    """The dialect a path names, or None when it takes Anthropic's version header to tell."""
     p = path.lower()
     if ":streamgeneratecontent" in p or ":generatecontent" in p or ":embedcontent" in p \
             or ":batchembedcontents" in p or p.rstrip("/").endswith("/interactions"):
@@ -53,9 +66,8 @@ def detect(path: str, headers: Mapping[str, str] | None = None) -> str:
         return "ollama"
     if p.rstrip("/").endswith("/v2/chat"):
         return "cohere"
-    if p.rstrip("/").endswith("/messages") and (
-            "/v1/" in p or any(k.lower() == "anthropic-version" for k in (headers or {}))):
-        return "anthropic"
+    if p.rstrip("/").endswith("/messages"):
+        return "anthropic" if "/v1/" in p else None
     if p.rstrip("/").endswith("/responses"):
         return "openai-responses"
     return "openai"

@@ -115,7 +115,9 @@ class Dialect(Protocol):
 def as_int(value: Any) -> int | None:
     """A token count from JSON: non-negative ints (and integral floats); anything else is None,
     as if the provider had not said (a negative count would corrupt every counter after it)."""
-    if isinstance(value, bool):
+    if type(value) is int:  # the common case first (bool is not int here)
+        return value if value >= 0 else None
+    if value is None or isinstance(value, bool):
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)

@@ -74,7 +74,9 @@ def usage_from(obj: Any) -> Usage | None:
     ticks = as_int(obj.get("cost_in_usd_ticks"))
     if ticks is not None:
         u.cost_usd = ticks / 1e10
-    u.server_tools = tool_calls(web_search=as_int(obj.get("num_search_queries")))
+    searches = obj.get("num_search_queries")
+    if searches is not None:
+        u.server_tools = tool_calls(web_search=as_int(searches))
     return None if u.empty() else u
 
 
