@@ -371,6 +371,41 @@ def test_capture_cost_matches_genai_prices(entry: dict[str, Any], tokenizers: To
     assert result.cost_usd == pytest.approx(float(want), rel=0.005, abs=1e-12)
 
 
+def _stated_costs() -> list[Any]:
+    """Captures whose answer states its own cost (OpenRouter ``usage.cost``, xAI
+    ``cost_in_usd_ticks``): the provider's invoice for that request."""
+    found = []
+    for e in _manifest():
+        raw = e["reported_usage"]["raw"]
+        stated = raw.get("cost") if isinstance(raw, dict) else None
+        if isinstance(raw, dict) and raw.get("cost_in_usd_ticks") is not None:
+            stated = raw["cost_in_usd_ticks"] / 1e10
+        if isinstance(stated, int | float) and stated > 0:
+            found.append(pytest.param(e, stated, id=e["file"]))
+    return found or [pytest.param(None, 0.0, marks=pytest.mark.skip(
+        reason="conformance fixtures not found: set SIDECAR_CONFORMANCE_DIR"))]
+
+
+@pytest.mark.parametrize("entry, stated", _stated_costs())
+def test_list_prices_reproduce_the_stated_invoice(entry: dict[str, Any], stated: float,
+                                                  tokenizers: Tokenizers,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a provider states what a request cost, pricing the same answer from the price
+    data (the stated figure ignored) must come to that figure: every billed dimension (cached
+    input, reasoning billed outside the completion count) counted and priced as the invoice."""
+    import sidecar.pricing
+
+    assert BASE is not None
+    folder = entry["file"].split("/")[0]
+    path = BASE / "streams" / entry["file"]
+    trusted = replay_file(path, tokenizers, prices=BOOK, provider=folder)
+    assert trusted.price_source == "reported" and trusted.cost_usd == pytest.approx(stated)
+    monkeypatch.setattr(sidecar.pricing, "REPORTED_COST_PROVIDERS", frozenset())
+    listed = replay_file(path, tokenizers, prices=BOOK, provider=folder)
+    assert listed.price_source != "reported"
+    assert listed.cost_usd == pytest.approx(stated, rel=0.005, abs=1e-12)
+
+
 def test_compaction_settles_every_iteration(tokenizers: Tokenizers) -> None:
     if BASE is None:
         pytest.skip("conformance fixtures not found: set SIDECAR_CONFORMANCE_DIR")
