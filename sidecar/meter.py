@@ -254,7 +254,18 @@ class Meter:
                     assert template is not None
                     joined = "".join(texts)
                     if joined:
-                        self.text(template.slot, template.kind, joined)
+                        slot = template.slot
+                        counter = self._counters.get(slot)
+                        if end == len(chunk) and counter is not None and not self._pending \
+                                and (len(joined) < LARGE_TEXT or self._budget is None) and not (
+                                template.kind == TOOL and slot[-1] == "name"):
+                            # The common read: all of it (or all that is left of it) one run of
+                            # a known slot's events, nothing else read for any slot, a text
+                            # counted exactly: fed to the counter now, which is what
+                            # _count_pending would do with it at the end of this read.
+                            self._committed += counter.feed(joined)
+                        else:
+                            self.text(slot, template.kind, joined)
                     self.bytes_fast += end
                     chunk = chunk[end:]
                     continue
