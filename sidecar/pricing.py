@@ -156,6 +156,10 @@ class Cost:
     other_usd: float  # per-call fees (web searches, requests)
 
 
+# Priced units, most specific first: (unit, usage keys of its priced descendants, direction).
+Plan = tuple[tuple["Unit", tuple[str, ...], str], ...]
+
+
 class Units:
     """The unit registry: which usage keys nest inside which (by dimensions)."""
 
@@ -165,9 +169,23 @@ class Units:
             unit = Unit(usage_key, str(spec["price_key"]), int(spec["per"]),
                         frozenset((str(k), str(v)) for k, v in spec["dimensions"].items()))
             self.by_price_key[unit.price_key] = unit
-        self._plans: dict[frozenset[str], tuple[tuple[Unit, tuple[str, ...], str], ...]] = {}
+        self._plans: dict[frozenset[str], Plan] = {}
+        # The plan of a rates table the price data holds (tables live as long as the data):
+        # keyed by the table's identity, checked against the table itself.
+        self._by_table: dict[int, tuple[Mapping[str, Any], Plan]] = {}
 
-    def plan(self, price_keys: Iterable[str]) -> tuple[tuple[Unit, tuple[str, ...], str], ...]:
+    def plan_for(self, rates: Mapping[str, Any]) -> Plan:
+        """plan() of a rates table, remembered for tables that are seen again."""
+        hit = self._by_table.get(id(rates))
+        if hit is not None and hit[0] is rates:
+            return hit[1]
+        found = self.plan(rates)
+        if len(self._by_table) > 4096:
+            self._by_table.clear()
+        self._by_table[id(rates)] = (rates, found)
+        return found
+
+    def plan(self, price_keys: Iterable[str]) -> Plan:
         """Priced units, most specific first, each with the usage keys of its priced
         descendants (whose leaves are subtracted from it) and its direction."""
         keys = frozenset(k for k in price_keys if k in self.by_price_key)
@@ -192,7 +210,7 @@ def cost(entry: Entry, usage: Mapping[str, float], at: float, units: Units,
     total_input = usage.get("input_tokens", 0)
     leaves: dict[str, float] = {}
     usd_in = usd_out = usd_other = 0.0
-    for unit, descendants, direction in units.plan(rates):
+    for unit, descendants, direction in units.plan_for(rates):
         if unit.usage_key == "requests":
             count: float = 1
         else:
