@@ -257,13 +257,12 @@ class Meter:
                         slot = template.slot
                         counter = self._counters.get(slot)
                         if end == len(chunk) and counter is not None and not self._pending \
-                                and (len(joined) < LARGE_TEXT or self._budget is None) and not (
-                                template.kind == TOOL and slot[-1] == "name"):
+                                and not (template.kind == TOOL and slot[-1] == "name"):
                             # The common read: all of it (or all that is left of it) one run of
-                            # a known slot's events, nothing else read for any slot, a text
-                            # counted exactly: fed to the counter now, which is what
-                            # _count_pending would do with it at the end of this read.
-                            self._committed += counter.feed(joined)
+                            # a known slot's events, nothing else read for any slot: counted
+                            # now, as _count_pending would count it at the end of this read
+                            # (a call's name goes through text(): it counts the call).
+                            self._count(counter, joined)
                         else:
                             self.text(slot, template.kind, joined)
                     self.bytes_fast += end
@@ -387,19 +386,23 @@ class Meter:
     def _count_pending(self) -> None:
         if self._pending:
             counters = self._counters
-            budget = self._budget
             for slot, parts in self._pending.items():
-                text = parts[0] if len(parts) == 1 else "".join(parts)
-                if budget is None or len(text) < LARGE_TEXT:
-                    self._committed += counters[slot].feed(text)
-                elif budget.allow():
-                    t = time.perf_counter()
-                    self._committed += counters[slot].feed(text)
-                    budget.spend(time.perf_counter() - t)
-                else:
-                    self._committed += counters[slot].estimate(text)
-                    self.estimated_chars += len(text)
+                self._count(counters[slot], parts[0] if len(parts) == 1 else "".join(parts))
             self._pending.clear()
+
+    def _count(self, counter: TextCounter, text: str) -> None:
+        """One slot's text of one read into its counter: exactly, or by its length once the
+        shared tokenizing budget is spent (large texts only)."""
+        budget = self._budget
+        if budget is None or len(text) < LARGE_TEXT:
+            self._committed += counter.feed(text)
+        elif budget.allow():
+            t = time.perf_counter()
+            self._committed += counter.feed(text)
+            budget.spend(time.perf_counter() - t)
+        else:
+            self._committed += counter.estimate(text)
+            self.estimated_chars += len(text)
 
     def usage(self, usage: Usage) -> None:
         if self._probe is not None:
