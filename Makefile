@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 
 .PHONY: demo test system-deps sync-rules dashboards bench prices image clean
 
-$(VENV)/.runtime: pyproject.toml
+$(VENV)/.runtime: pyproject.toml setup.py sidecar/_lane.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e .

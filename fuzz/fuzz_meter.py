@@ -1,10 +1,12 @@
 """Coverage-guided fuzzer (atheris) for the frame decoders, every dialect, the meter and the
-realtime session meter.
+realtime session meter, and the fast lane's native core against its Python reading.
 
 Any bytes in: the decoders may only return frames or FrameError, dialects may only report
 through the sink, request bodies are estimated and learned from without raising, and the meters
 must never raise (the realtime meter reads the input's lines as
-WebSocket messages, alternately from the client and the server). Run by hand for long sessions:
+WebSocket messages, alternately from the client and the server). The native core (where built)
+reads the input's NUL-separated parts as a run of one template's events: it must give the
+Python lane's texts, concatenated, or None. Run by hand for long sessions:
     .venv/bin/python fuzz/fuzz_meter.py -max_total_time=600 fuzz/corpus
 The test suite runs it for a bounded number of inputs (tests/test_fuzz.py).
 """
@@ -18,7 +20,7 @@ import atheris
 with atheris.instrument_imports():
     from sidecar import structure
     from sidecar.calibration import Calibration
-    from sidecar.dialects import DIALECTS
+    from sidecar.dialects import DIALECTS, fastlane
     from sidecar.dialects.base import RequestInfo
     from sidecar.frames import (
         EventStreamDecoder,
@@ -33,11 +35,26 @@ with atheris.instrument_imports():
     from sidecar.tokens import Tokenizers
 
 _TOK = Tokenizers()
+_LANE = fastlane.TemplateLane(("content",), None)
+_LANE.learn(b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n', (0, "content"), "text", "x")
+_TEMPLATE = _LANE._templates[None][0]
 _TOKENIZERS = [_TOK.for_model("gpt-4o"), _TOK.for_model("ernie-4.0")]
 _NAMES = sorted(DIALECTS)
 _DECODERS = (SSEDecoder, NDJSONDecoder, JSONArrayDecoder, EventStreamDecoder)
 _CONTENT_TYPES = ("text/event-stream", "application/x-ndjson", "application/json",
                   "application/vnd.amazon.eventstream")
+
+
+def check_native(payload: bytes) -> None:
+    join_run = fastlane._native_join_run
+    if join_run is None:
+        return
+    t = _TEMPLATE
+    for region in (payload, b"".join(t.head + p + t.tail for p in payload.split(b"\0")[:16])):
+        got = join_run(region, t.head, t.tail)
+        texts = fastlane.read_run(region, t)
+        if got is not None and (texts is None or "".join(texts) != got):
+            raise AssertionError(f"native core read {region!r} as {got!r}, Python as {texts!r}")
 
 
 def test_one_input(data: bytes) -> None:
@@ -49,6 +66,7 @@ def test_one_input(data: bytes) -> None:
     gzip_it = fdp.ConsumeBool()
     protocol = (OPENAI, GEMINI, None)[fdp.ConsumeIntInRange(0, 2)]
     payload = fdp.ConsumeBytes(fdp.remaining_bytes())
+    check_native(payload)
 
     dec = _DECODERS[choice](max_frame_size=4096)
     items = []

@@ -4,7 +4,9 @@ the upstream's bytes are cut into reads (mid-line, mid-character, mid-escape).""
 
 from __future__ import annotations
 
+import json
 import random
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.dialects import get_dialect
+from sidecar.dialects import fastlane, get_dialect
 from sidecar.dialects.base import RequestInfo
 from sidecar.meter import Meter
 from sidecar.replay import sniff
@@ -43,10 +45,19 @@ def meter_run(tokenizers: Tokenizers, data: bytes, dialect: str, content_type: s
 
 def assert_same(tokenizers: Tokenizers, data: bytes, dialect: str, content_type: str,
                 cuts: list[int], model: str | None = None) -> float:
-    fast = meter_run(tokenizers, data, dialect, content_type, cuts, True, model)
+    """The general path, the lane in Python and the lane with its native core (where built)
+    give the same accounting; returns the share of bytes the lane read."""
     general = meter_run(tokenizers, data, dialect, content_type, cuts, False, model)
-    assert fast[:3] == general[:3]
     assert general[3] == 0
+    was = fastlane.use_native(False)
+    try:
+        fast = meter_run(tokenizers, data, dialect, content_type, cuts, True, model)
+    finally:
+        fastlane.use_native(was)
+    assert fast[:3] == general[:3]
+    if fastlane.NATIVE:
+        native = meter_run(tokenizers, data, dialect, content_type, cuts, True, model)
+        assert native == fast
     return fast[3] / fast[4] if fast[4] else 0.0
 
 
@@ -201,3 +212,86 @@ def test_synthetic_anthropic_streams_are_read_the_same(stream: bytes, data: st.D
                                                        tokenizers: Tokenizers) -> None:
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=30))
     assert_same(tokenizers, stream, "anthropic", "text/event-stream", cuts, "claude-sonnet-4-5")
+
+
+# -- the native core: the Python lane's answer or none, never another --------------------------
+
+_HEAD = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":'
+_TAIL = b'},"finish_reason":null}]}\n\n'
+
+
+def _template() -> fastlane.Template:
+    lane = fastlane.TemplateLane(("content",), None)
+    lane.learn(_HEAD + b'"x"' + _TAIL, (0, "content"), "text", "x")
+    (template,) = lane._templates[None]
+    assert (template.head, template.tail) == (_HEAD, _TAIL)
+    return template
+
+
+def _native() -> Any:
+    if not fastlane.NATIVE:
+        pytest.skip("the native core is not built in this install (no C compiler at install "
+                    "time): the Python lane is what runs, and is what the tests above check")
+    from sidecar import _lane
+    return _lane.join_run
+
+
+def _run(*strings: bytes) -> bytes:
+    return b"".join(_HEAD + s + _TAIL for s in strings)
+
+
+@pytest.mark.parametrize(("region", "expected"), [
+    (_run(b'"Hello"', b'" world"', b'"!"'), "Hello world!"),
+    (_run(b'"a\\nb\\"c\\\\d\\/e\\tf\\bg\\fh\\ri"'), 'a\nb"c\\d/e\tf\bg\fh\ri'),
+    (_run(b'"\\u00e9\\u4E2D\\u0000"', b'"\xc3\xa9\xe4\xb8\xad"'), "\u00e9\u4e2d\x00\u00e9\u4e2d"),
+    (_run(b'""', b'""'), ""),
+    (_run(*[b'"' + b"x" * 500 + b'"'] * 20), "x" * 10_000),  # past the stack buffer
+    (_run(b'"\\ud83d\\ude00"'), None),  # escaped surrogates: the general path
+    (_run(b'"a\x01"'), None),  # a raw control character is not JSON
+    (_run(b'"\xff"'), None),  # nor is invalid UTF-8
+    (_run(b'"\xed\xa0\x80"'), None),  # an encoded surrogate
+    (_run(b'"a\\x"'), None),  # an unknown escape
+    (_run(b'"a\\u12"'), None),  # a short one
+    (_run(b'"a"', b'1'), None),  # not a string
+    (_run(b' "a"'), None),  # JSON whitespace around it: the Python reading decides
+    (_run(b'"a"') + _HEAD + b'"b"', None),  # a partial last event
+    (_run(b'"a"')[:-1], None),
+    (b"", None),
+    (b"data: [DONE]\n\n", None),
+])
+def test_native_core_cases(region: bytes, expected: str | None) -> None:
+    join_run = _native()
+    assert join_run(region, _HEAD, _TAIL) == expected
+    texts = fastlane.read_run(region, _template())
+    if expected is not None:
+        assert texts is not None and "".join(texts) == expected
+
+
+_PIECE = st.one_of(
+    st.builds(orjson.dumps, st.text(max_size=8)),  # what upstreams send
+    st.builds(lambda t: orjson.dumps(t).decode().encode("ascii", "backslashreplace"),
+              st.text(max_size=8)),  # \x, \u and \U escapes, valid or not
+    st.builds(lambda t: json.dumps(t).encode(), st.text(max_size=8)),
+    st.binary(max_size=8).map(lambda b: b'"' + b + b'"'),  # anything between quotes
+    st.binary(max_size=12),
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(pieces=st.lists(_PIECE, min_size=1, max_size=8), junk=st.binary(max_size=3))
+def test_native_core_agrees_with_the_python_lane(pieces: list[bytes], junk: bytes) -> None:
+    """On any run (valid, escaped, surrogate, malformed strings; junk after it) the native core
+    gives the concatenated texts of the Python lane's reading, or None where the Python lane
+    must decide; it is None only where that reading fails or the input is rare (escaped
+    surrogates, whitespace around a string)."""
+    join_run = _native()
+    template = _template()
+    region = _run(*pieces) + junk
+    got = join_run(region, _HEAD, _TAIL)
+    texts = fastlane.read_run(region, template)
+    if got is not None:
+        assert texts is not None and "".join(texts) == got
+    elif texts is not None:
+        rare = any(p[:1] != b'"' or p[-1:] != b'"' for p in pieces) or \
+            re.search(rb"\\u[dD][89a-fA-F]", region)
+        assert rare, (region, texts)

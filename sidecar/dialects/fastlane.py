@@ -30,6 +30,14 @@ from typing import Any
 
 import orjson
 
+_native_join_run: Callable[[bytes, bytes, bytes], str | None] | None
+try:  # the native core of the whole-run case (sidecar/_lane.c); optional, same results
+    from .._lane import join_run as _native_join_run
+except ImportError:  # pragma: no cover - installs without a C compiler
+    _native_join_run = None
+
+# Whether this install has the native core (built where a C compiler was present).
+NATIVE = _native_join_run is not None
 # How many templates one response keeps per reader state, and how many events it may try to
 # learn from before giving up (a format the lane cannot template costs nothing after that).
 MAX_TEMPLATES = 4
@@ -148,17 +156,15 @@ class TemplateLane:
             lh, lt, sep = len(head), len(tail), t.sep
             try:
                 if region.endswith(tail) and len(region) > lh + lt:
-                    # The whole read may be one run: one split, one decode.
-                    body = region[lh:len(region) - lt]
-                    if sep not in body:  # one event: the common case when streams are paced
-                        text = orjson.loads(body)
-                        if type(text) is str:
-                            return cut, t, [text]
-                    else:
-                        pieces = body.split(sep)
-                        texts = orjson.loads(b"[" + b",".join(pieces) + b"]")
-                        if len(texts) == len(pieces) and set(map(type, texts)) <= _STR:
-                            return cut, t, texts
+                    # The whole read may be one run: one native call, else one split and one
+                    # decode.
+                    if _join_run is not None:
+                        joined = _join_run(region, head, tail)
+                        if joined is not None:
+                            return cut, t, [joined]
+                    texts = read_run(region, t)
+                    if texts is not None:
+                        return cut, t, texts
                 elif not subbed:
                     # A run, then other events (a stream's first or last read). The last
                     # piece holds the run's last text, if its event is one of ours, then the
@@ -224,7 +230,39 @@ class TemplateLane:
 
 
 _MISS: tuple[int, None, list[str]] = (0, None, [])
+# The whole-run reader scan() tries first: the native core where it was built, else none (the
+# Python reading below it gives the same texts). Tests switch it with use_native().
+_join_run: Callable[[bytes, bytes, bytes], str | None] | None = _native_join_run
+
+
+def use_native(on: bool) -> bool:
+    """Read whole runs with the native core (where built) or in Python only; returns whether
+    the native core was in use before."""
+    global _join_run
+    was = _join_run is not None
+    _join_run = _native_join_run if on else None
+    return was
 _STR = {str}
+
+
+def read_run(region: bytes, t: Template) -> list[str] | None:
+    """The texts of ``region`` when it is wholly a run of ``t``'s events (head, one JSON string,
+    tail; at least one), else None: one ``bytes.split`` and one ``orjson.loads``. The native
+    core's ``join_run`` gives their concatenation, or None, on the same input."""
+    head, tail, sep = t.head, t.tail, t.sep
+    lh, lt = len(head), len(tail)
+    if len(region) <= lh + lt or not region.startswith(head) or not region.endswith(tail):
+        return None
+    body = region[lh:len(region) - lt]
+    try:
+        if sep not in body:  # one event: the common case when streams are paced
+            text = orjson.loads(body)
+            return [text] if type(text) is str else None
+        pieces = body.split(sep)
+        texts = orjson.loads(b"[" + b",".join(pieces) + b"]")
+    except orjson.JSONDecodeError:
+        return None
+    return texts if len(texts) == len(pieces) and set(map(type, texts)) <= _STR else None
 
 
 def raw_event(data: bytes, event: str | None) -> bytes:
