@@ -1,6 +1,7 @@
 """Build the container image from deploy/Dockerfile and prove it works: it starts, answers
-/healthz and /readyz, relays a stream from a mock upstream, meters it on /metrics, runs as a
-non-root user, can write its state volume, and its HEALTHCHECK command succeeds.
+/healthz and /readyz, relays a stream from a mock upstream, meters it on /metrics (with the fast
+lane's native core built in), runs as a non-root user, can write its state volume, and its
+HEALTHCHECK command succeeds.
 
 With a Docker engine it uses `docker`; without one (these machines, Podman hosts) it uses buildah
 with chroot isolation on a Debian base it makes with debootstrap and caches
@@ -220,6 +221,11 @@ async def check_running(engine: str) -> dict[str, Any]:
                 if tokens <= 0:
                     raise SmokeError("no output tokens metered on /metrics")
                 facts["output_tokens_metered"] = tokens
+                # The build stage has a C compiler: the fast lane's native core is in the image.
+                if 'native_lane="true"' not in text:
+                    raise SmokeError("the image's fast lane has no native core "
+                                     "(llm_sidecar_build_info says native_lane=\"false\")")
+                facts["native_lane"] = True
             size, config = image_facts(engine)
             facts["image_bytes"] = size
             test = (config.get("Healthcheck") or {}).get("Test") or []

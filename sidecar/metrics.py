@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from . import __version__
+from .dialects.fastlane import NATIVE
 from .ledger import Ledger
 from .meter import SOURCE_ESTIMATED, Settlement
 from .pricing import PriceBook
@@ -66,6 +68,14 @@ class LabelCap:
                 return v
             self.overflowed += 1
             return OTHER
+
+
+def build_info(registry: CollectorRegistry) -> None:
+    """``llm_sidecar_build_info``: the version, and whether the fast lane runs its native core
+    (built where a C compiler was present at install; the Python lane counts the same)."""
+    Info("llm_sidecar_build", "This sidecar's version, and whether its fast lane runs its "
+         "native core", registry=registry).info(
+        {"version": __version__, "native_lane": "true" if NATIVE else "false"})
 
 
 class BudgetCollector(Collector):
@@ -208,6 +218,7 @@ class Metrics:
             registry=registry)
         self.price_info = Info(
             "llm_price_data", "The price data costs are computed from", registry=registry)
+        build_info(registry)
         self.genai = GenAIMetrics(registry) if otel_genai else None
         self.c_tokens = Children(self.tokens)
         self.c_live = Children(self.live_tokens)

@@ -170,7 +170,7 @@ async def supervise(settings: Settings, argv: Sequence[str],
 
     from .app import budgets_response
     from .ledger import Ledger
-    from .metrics import BudgetCollector
+    from .metrics import BudgetCollector, build_info
     from .pricing import price_book
     from .state import open_store
 
@@ -199,6 +199,7 @@ async def supervise(settings: Settings, argv: Sequence[str],
                        registry=registry)
     live = Gauge("llm_workers", "Worker processes running", registry=registry)
     live.set_function(lambda: sum(1 for _ in sup.worker_pids()))
+    build_info(registry)
     price_info = Info("llm_price_data", "The price data costs are computed from",
                       registry=registry)
 

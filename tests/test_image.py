@@ -27,6 +27,7 @@ def test_image_builds_runs_and_meters() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     facts = json.loads(done.stdout.strip().splitlines()[-1])
     assert facts["uid"] != 0 and facts["output_tokens_metered"] > 0
+    assert facts["native_lane"] is True
     assert facts["healthcheck"] == "sidecar health"
     assert set(facts["open_tokenizers"]) == {"deepseek-v4", "qwen", "qwen3.6", "tekken"}
     assert 0 < facts["seconds_to_ready"] < 60 and facts["image_bytes"] > 50_000_000

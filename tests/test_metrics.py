@@ -6,6 +6,8 @@ import subprocess
 
 from prometheus_client import CollectorRegistry, generate_latest
 
+from sidecar import __version__
+from sidecar.dialects import fastlane
 from sidecar.meter import Settlement
 from sidecar.metrics import OTHER, LabelCap, Metrics
 
@@ -50,6 +52,16 @@ def test_estimated_settlement_has_no_ratio_observation() -> None:
     assert reg.get_sample_value("llm_tokens_total", {
         "provider": "openai", "model": "x", "token_type": "output", "source": "estimated",
         "key": "k", "team": "t"}) == 20
+
+
+def test_build_info_says_whether_the_native_lane_runs() -> None:
+    reg = CollectorRegistry()
+    Metrics(reg)
+    native = "true" if fastlane.NATIVE else "false"
+    assert reg.get_sample_value("llm_sidecar_build_info", {
+        "version": __version__, "native_lane": native}) == 1
+    # where the native core is built, it is what the lane runs (tests may switch it off)
+    assert (fastlane._join_run is not None) == fastlane.NATIVE
 
 
 def test_label_cap_overflows_to_other() -> None:

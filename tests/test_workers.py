@@ -87,6 +87,7 @@ async def test_two_workers_share_one_port_one_metrics_and_budgets(
         assert {r["worker"] for r in records[-20:]} == {0, 1}  # and both refused
         assert await _metric(sidecar, "llm_requests_total{") == sent  # summed over both
         assert await _metric(sidecar, "llm_workers ") == 2
+        assert await _metric(sidecar, "llm_sidecar_build_info{") == 1  # once, not per worker
         assert await _metric(sidecar, 'llm_budget_usage_ratio{budget="shared"}') >= 1.0
         async with aiohttp.ClientSession() as s, s.get(sidecar.metrics_url + "/metrics") as r:
             exposition = await r.read()
