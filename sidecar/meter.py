@@ -34,6 +34,9 @@ from .tokens import CountBudget, TextCounter, Tokenizer
 # A slot's text of one read at least this long is "large": its exact count may be refused by
 # the CountBudget (and then estimated from its length).
 LARGE_TEXT = 1024
+# The most of a partial event the fast lane keeps back for the next read (reads rarely end on an
+# event's end when the upstream outpaces the proxy; longer events go to the decoder as before).
+CARRY_MAX = 16 * 1024
 
 # A non-streamed body larger than this is forwarded but not parsed: holding it would cost more
 # memory than the accounting is worth (embeddings of big batches are the usual case).
@@ -163,6 +166,11 @@ class Meter:
         self._decoder: Decoder | None = None
         self._parser: Any = None
         self._lane: Any = None  # the dialect's fast lane for this response, if it has one
+        # The start of an event a read ended in, kept back for the lane to read whole with the
+        # next read (the decoder would only have buffered it: it holds no blank line).
+        self._carry = b""
+        self._carry_max = CARRY_MAX if max_frame_size is None else min(
+            CARRY_MAX, max_frame_size // 2)
         # While the general path reads an event the fast lane could learn from: what it found.
         self._probe: list[Any] | None = None
         # Bytes the meter read, and how many of them the fast lane took (for its hit rate).
@@ -224,6 +232,9 @@ class Meter:
             if self._decoder is not None:
                 self.bytes_metered += len(chunk)
                 if self._lane is not None:
+                    if self._carry:
+                        chunk = self._carry + chunk
+                        self._carry = b""
                     chunk = self._lane_feed(chunk)
                 if chunk:
                     self._frames(self._decoder.feed(chunk))
@@ -269,6 +280,14 @@ class Meter:
                     chunk = chunk[end:]
                     continue
                 k = chunk.find(b"\n\n") + 2  # the next event is not the lane's
+                if k < 2:
+                    # Only the start of an event is left. Where the decoder could not end an
+                    # event in it either (no blank line of any kind), keep it back: the next
+                    # read starts with it, and the lane may take the whole event.
+                    if len(chunk) <= self._carry_max and b"\r" not in chunk:
+                        self._carry = chunk
+                        return b""
+                    return chunk
             else:
                 k = dec.pending_end(chunk)  # finish the event being assembled
             if k < 2:
@@ -285,6 +304,9 @@ class Meter:
         """The upstream finished (or the stream was cut): flush decoders and text counters."""
         try:
             if self._decoder is not None and not self._undecodable:
+                if self._carry:
+                    self._frames(self._decoder.feed(self._carry))
+                    self._carry = b""
                 self._frames(self._decoder.close())
                 self._count_pending()
             elif self._body is not None and not self._undecodable:
@@ -308,7 +330,7 @@ class Meter:
         """True when a frame of our own could be written to the client without splitting one
         of the upstream's (SSE and NDJSON, uncompressed only)."""
         dec = self._decoder
-        if self._inflater is not None or dec is None:
+        if self._inflater is not None or dec is None or self._carry:
             return False
         at = getattr(dec, "at_boundary", None)
         return bool(at is not None and at())
