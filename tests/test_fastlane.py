@@ -214,6 +214,27 @@ def test_synthetic_anthropic_streams_are_read_the_same(stream: bytes, data: st.D
     assert_same(tokenizers, stream, "anthropic", "text/event-stream", cuts, "claude-sonnet-4-5")
 
 
+def test_events_split_between_reads_are_read_by_the_lane(tokenizers: Tokenizers) -> None:
+    """An upstream that outpaces the proxy: reads end anywhere, mostly inside an event. The
+    start of the event is kept back and read whole with the next read (not by the general
+    reader), and a frame of our own is never due while it is."""
+    words = [" meter", " token", " stream", "s", " of", " the", " tokens"]
+    stream = b"".join(b"data: " + orjson.dumps(_chunk("gpt-4o-mini", {"content": w}))
+                      + b"\n\n" for w in words * 60) + b"data: [DONE]\n\n"
+    cuts = list(range(997, len(stream), 997))  # 997: never on an event's end for long
+    assert sum(stream[c - 2:c] == b"\n\n" for c in cuts) < len(cuts) / 10
+    share = assert_same(tokenizers, stream, "openai", "text/event-stream", cuts, "gpt-4o-mini")
+    assert share > 0.97, share
+    m = Meter(get_dialect("openai"), RequestInfo(model="gpt-4o-mini", stream=True),
+              tokenizers.for_model("gpt-4o-mini"), lambda: 0.0)
+    m.start_response("text/event-stream", None)
+    m.feed(stream[:997])
+    assert not m.at_frame_boundary()  # part of an event has reached the client
+    end = stream.index(b"\n\n", 997) + 2
+    m.feed(stream[997:end])
+    assert m.at_frame_boundary()
+
+
 # -- the native core: the Python lane's answer or none, never another --------------------------
 
 _HEAD = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":'
