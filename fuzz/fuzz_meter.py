@@ -5,8 +5,9 @@ Any bytes in: the decoders may only return frames or FrameError, dialects may on
 through the sink, request bodies are estimated and learned from without raising, and the meters
 must never raise (the realtime meter reads the input's lines as
 WebSocket messages, alternately from the client and the server). The native core (where built)
-reads the input's NUL-separated parts as a run of one template's events: it must give the
-Python lane's texts, concatenated, or None. Run by hand for long sessions:
+reads the input, and its NUL-separated parts as a run of one template's events (with and
+without volatile pairs and padding): what it takes, the Python lane must take with the same
+text. Run by hand for long sessions:
     .venv/bin/python fuzz/fuzz_meter.py -max_total_time=600 fuzz/corpus
 The test suite runs it for a bounded number of inputs (tests/test_fuzz.py).
 """
@@ -35,26 +36,35 @@ with atheris.instrument_imports():
     from sidecar.tokens import Tokenizers
 
 _TOK = Tokenizers()
-_LANE = fastlane.TemplateLane(("content",), None)
-_LANE.learn(b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n', (0, "content"), "text", "x")
-_TEMPLATE = _LANE._templates[None][0]
 _TOKENIZERS = [_TOK.for_model("gpt-4o"), _TOK.for_model("ernie-4.0")]
 _NAMES = sorted(DIALECTS)
 _DECODERS = (SSEDecoder, NDJSONDecoder, JSONArrayDecoder, EventStreamDecoder)
 _CONTENT_TYPES = ("text/event-stream", "application/x-ndjson", "application/json",
                   "application/vnd.amazon.eventstream")
+_LANES = []
+for _vol in (None, fastlane.volatile("sequence_number", "obfuscation"), fastlane.PADDING):
+    _lane = fastlane.TemplateLane(("content",), _vol)
+    _lane.learn(b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n', (0, "content"), "text", "x")
+    _LANES.append(_lane)
 
 
 def check_native(payload: bytes) -> None:
-    join_run = fastlane._native_join_run
-    if join_run is None:
+    """What the native core takes, the Python lane's event-by-event reading takes too, with
+    the same texts."""
+    scan_run = fastlane._native_scan_run
+    if scan_run is None:
         return
-    t = _TEMPLATE
-    for region in (payload, b"".join(t.head + p + t.tail for p in payload.split(b"\0")[:16])):
-        got = join_run(region, t.head, t.tail)
-        texts = fastlane.read_run(region, t)
-        if got is not None and (texts is None or "".join(texts) != got):
-            raise AssertionError(f"native core read {region!r} as {got!r}, Python as {texts!r}")
+    for lane in _LANES:
+        t = lane._templates[None][0]
+        parts = payload.split(b"\0")[:16]
+        for data in (payload, b"".join(t.head + p + t.tail for p in parts)):
+            end, text = scan_run(data, t.head, t.tail, lane._native_keys, lane._native_pad)
+            if not end:
+                continue
+            took, _, texts = lane._prefix(data[:end], t)
+            if took != end or "".join(texts) != text:
+                raise AssertionError(f"native core read {data[:end]!r} as {text!r}, "
+                                     f"Python as {texts!r} ({took} bytes)")
 
 
 def test_one_input(data: bytes) -> None:

@@ -1,16 +1,17 @@
 /* The fast lane's native core (optional: sidecar/dialects/fastlane.py falls back to Python).
  *
- * join_run(region, head, tail) reads a run of SSE events that are each exactly
- *     head + <one JSON string> + tail
- * and returns the concatenation of the decoded strings, or None where it cannot say: any byte
- * out of that shape, a control character, an unknown escape, an escaped surrogate (the
- * general path decides those), invalid UTF-8. It only ever accepts what the Python lane accepts
- * (one bytes.split on tail + head, one orjson.loads of the pieces as an array, every item a
- * string), with the same text: tests/test_fastlane.py checks both on generated and recorded
- * input, and fuzz/fuzz_meter.py compares them on arbitrary bytes.
+ * scan_run(data, head, tail, keys, pad) reads the run of SSE events at the start of ``data``
+ * that are each exactly head + <one JSON string> + tail once their volatile parts are left out
+ * (``,"key":value`` pairs of ``keys``, Anthropic's padding where ``pad``: what the Python lane's
+ * pattern removes), and returns (bytes taken, the decoded strings concatenated). It stops
+ * before the first event it cannot take: another shape, a partial event, a control character,
+ * an unknown escape, an escaped surrogate (the Python lane decides those); (0, "") where the
+ * texts are not valid UTF-8. Whatever it takes, the Python lane takes with the same text:
+ * tests/test_fastlane.py checks both on generated and recorded input, and fuzz/fuzz_meter.py
+ * compares them on arbitrary bytes.
  *
- * Memory: one output buffer no longer than the region (every escape decodes to fewer bytes
- * than it takes), on the stack for reads up to 4 KiB. No state, no Python objects kept.
+ * Memory: one output buffer no longer than the data (every escape decodes to fewer bytes than
+ * it takes), on the stack for reads up to 4 KiB. No state, no Python objects kept.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -97,22 +98,124 @@ static Py_ssize_t decode_string(const unsigned char *p, Py_ssize_t n, Py_ssize_t
     }
 }
 
-static PyObject *join_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* The value of a volatile pair (what fastlane.volatile's pattern takes): a plain ASCII string
+ * ("[\x20\x21\x23-\x5b\x5d-\x7e]*") or an integer ("-?(?:0|[1-9][0-9]*)"). Returns the index after
+ * it, or -1. */
+static Py_ssize_t skip_value(const unsigned char *p, Py_ssize_t n, Py_ssize_t k)
+{
+    if (k < n && p[k] == '"') {
+        for (k++; k < n; k++) {
+            unsigned char c = p[k];
+            if (c == '"')
+                return k + 1;
+            if (c < 0x20 || c > 0x7e || c == '\\')
+                return -1;
+        }
+        return -1;
+    }
+    if (k < n && p[k] == '-')
+        k++;
+    if (k >= n || p[k] < '0' || p[k] > '9')
+        return -1;
+    if (p[k] == '0')
+        return k + 1;
+    while (k < n && p[k] >= '0' && p[k] <= '9')
+        k++;
+    return k;
+}
+
+/* Where what starts at p[k] is volatile (a ,"key":value pair of one of ``keys``, or Anthropic's
+ * padding: spaces after a brace and before "}\n\n"), the index after it; else k. The same
+ * leftmost matches as the Python lane's pattern.sub, which removes them before comparing. */
+static Py_ssize_t skip_volatile(const unsigned char *p, Py_ssize_t n, Py_ssize_t k,
+                                PyObject *keys, int pad)
+{
+    if (p[k] == ',') {
+        Py_ssize_t nk = PyTuple_GET_SIZE(keys);
+        for (Py_ssize_t x = 0; x < nk; x++) {
+            PyObject *key = PyTuple_GET_ITEM(keys, x);
+            Py_ssize_t lk = PyBytes_GET_SIZE(key);
+            if (n - k >= lk && memcmp(p + k, PyBytes_AS_STRING(key), (size_t)lk) == 0) {
+                Py_ssize_t after = skip_value(p, n, k + lk);
+                if (after > 0)
+                    return after;
+            }
+        }
+    } else if (pad && p[k] == ' ' && k > 0 && p[k - 1] == '}') {
+        Py_ssize_t j = k;
+        while (j < n && p[j] == ' ')
+            j++;
+        if (n - j >= 3 && p[j] == '}' && p[j + 1] == '\n' && p[j + 2] == '\n')
+            return j;
+    }
+    return k;
+}
+
+/* Whether the event bytes at p[*k] are ``t`` once volatile parts are left out; advances *k. */
+static int match(const unsigned char *p, Py_ssize_t n, Py_ssize_t *k, const char *t,
+                 Py_ssize_t lt, PyObject *keys, int pad)
+{
+    Py_ssize_t i = 0, j = *k;
+    int skips = PyTuple_GET_SIZE(keys) > 0 || pad;
+    if (n - j >= lt && memcmp(p + j, t, (size_t)lt) == 0) {
+        /* The common case: nothing volatile within (a template holds no volatile part, and
+         * none can begin inside it: it ends in a text key's colon or a blank line). */
+        j += lt;
+        while (skips && j < n) {
+            Py_ssize_t after = skip_volatile(p, n, j, keys, pad);
+            if (after == j)
+                break;
+            j = after;
+        }
+        *k = j;
+        return 1;
+    }
+    for (;;) {
+        if (skips && j < n) {
+            Py_ssize_t after = skip_volatile(p, n, j, keys, pad);
+            if (after != j) {
+                j = after;
+                continue;
+            }
+        }
+        if (i == lt)
+            break;
+        if (j >= n || p[j] != (unsigned char)t[i])
+            return 0;
+        i++;
+        j++;
+    }
+    *k = j;
+    return 1;
+}
+
+/* scan_run(data, head, tail, keys, pad) -> (end, text) */
+static PyObject *scan_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1]) ||
-        !PyBytes_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "join_run(region: bytes, head: bytes, tail: bytes)");
+    if (nargs != 5 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1]) ||
+        !PyBytes_Check(args[2]) || !PyTuple_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "scan_run(data: bytes, head: bytes, tail: bytes, "
+                                         "keys: tuple[bytes, ...], pad: bool)");
         return NULL;
     }
+    PyObject *keys = args[3];
+    for (Py_ssize_t x = 0; x < PyTuple_GET_SIZE(keys); x++) {
+        if (!PyBytes_Check(PyTuple_GET_ITEM(keys, x)) ||
+            PyBytes_GET_SIZE(PyTuple_GET_ITEM(keys, x)) == 0) {
+            PyErr_SetString(PyExc_TypeError, "scan_run: keys must be non-empty bytes");
+            return NULL;
+        }
+    }
+    int pad = PyObject_IsTrue(args[4]);
+    if (pad < 0)
+        return NULL;
     const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(args[0]);
     Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
     const char *head = PyBytes_AS_STRING(args[1]);
     Py_ssize_t lh = PyBytes_GET_SIZE(args[1]);
     const char *tail = PyBytes_AS_STRING(args[2]);
     Py_ssize_t lt = PyBytes_GET_SIZE(args[2]);
-    if (n == 0)
-        Py_RETURN_NONE;
 
     char stack[STACK_BUF];
     char *buf = stack;
@@ -121,28 +224,39 @@ static PyObject *join_run(PyObject *self, PyObject *const *args, Py_ssize_t narg
         if (buf == NULL)
             return PyErr_NoMemory();
     }
-    PyObject *result = NULL;
-    Py_ssize_t i = 0, w = 0;
-    while (i < n) {
-        if (n - i < lh + 2 + lt || memcmp(p + i, head, (size_t)lh) != 0)
-            goto miss;
-        i += lh;
-        Py_ssize_t got = decode_string(p, n, &i, buf + w);
+    /* Whole events only: head, one string, tail; stop before the first that is not one. */
+    Py_ssize_t end = 0, w = 0;
+    while (end < n) {
+        Py_ssize_t k = end;
+        if (!match(p, n, &k, head, lh, keys, pad))
+            break;
+        Py_ssize_t got = decode_string(p, n, &k, buf + w);
         if (got < 0)
-            goto miss;
+            break;
+        if (!match(p, n, &k, tail, lt, keys, pad))
+            break;
         w += got;
-        if (n - i < lt || memcmp(p + i, tail, (size_t)lt) != 0)
-            goto miss;
-        i += lt;
+        end = k;
     }
-    result = PyUnicode_DecodeUTF8(buf, w, "strict");
-    if (result != NULL)
-        goto done;
-    if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
-        goto done; /* out of memory: raise it */
-    PyErr_Clear();
-miss:
-    result = Py_NewRef(Py_None);
+    PyObject *text = NULL, *result = NULL;
+    if (end > 0) {
+        text = PyUnicode_DecodeUTF8(buf, w, "strict");
+        if (text == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+                goto done; /* out of memory: raise it */
+            PyErr_Clear();
+            end = 0; /* invalid UTF-8 somewhere: the Python lane reads this data */
+        }
+    }
+    if (text == NULL)
+        text = PyUnicode_New(0, 0);
+    if (text != NULL) {
+        PyObject *taken = PyLong_FromSsize_t(end);
+        if (taken != NULL)
+            result = PyTuple_Pack(2, taken, text);
+        Py_XDECREF(taken);
+        Py_DECREF(text);
+    }
 done:
     if (buf != stack)
         PyMem_Free(buf);
@@ -150,10 +264,11 @@ done:
 }
 
 static PyMethodDef lane_methods[] = {
-    {"join_run", (PyCFunction)(void (*)(void))join_run, METH_FASTCALL,
-     "join_run(region, head, tail) -> str | None\n\n"
-     "The decoded texts of a run of head + JSON string + tail events, concatenated; None where "
-     "the general path must read the region."},
+    {"scan_run", (PyCFunction)(void (*)(void))scan_run, METH_FASTCALL,
+     "scan_run(data, head, tail, keys, pad) -> (end, text)\n\n"
+     "The longest run of whole head + JSON string + tail events at the start of data (volatile "
+     "pairs of keys, and padding where pad, left out) and its texts concatenated; (0, '') "
+     "where the Python lane must read it."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -61,7 +61,7 @@ def test_build_info_says_whether_the_native_lane_runs() -> None:
     assert reg.get_sample_value("llm_sidecar_build_info", {
         "version": __version__, "native_lane": native}) == 1
     # where the native core is built, it is what the lane runs (tests may switch it off)
-    assert (fastlane._join_run is not None) == fastlane.NATIVE
+    assert (fastlane._scan_run is not None) == fastlane.NATIVE
 
 
 def test_label_cap_overflows_to_other() -> None:

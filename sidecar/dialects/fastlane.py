@@ -30,14 +30,14 @@ from typing import Any
 
 import orjson
 
-_native_join_run: Callable[[bytes, bytes, bytes], str | None] | None
-try:  # the native core of the whole-run case (sidecar/_lane.c); optional, same results
-    from .._lane import join_run as _native_join_run
+_native_scan_run: Callable[[bytes, bytes, bytes, tuple[bytes, ...], bool], tuple[int, str]] | None
+try:  # the native core of the lane (sidecar/_lane.c); optional, same results
+    from .._lane import scan_run as _native_scan_run
 except ImportError:  # pragma: no cover - installs without a C compiler
-    _native_join_run = None
+    _native_scan_run = None
 
 # Whether this install has the native core (built where a C compiler was present).
-NATIVE = _native_join_run is not None
+NATIVE = _native_scan_run is not None
 # How many templates one response keeps per reader state, and how many events it may try to
 # learn from before giving up (a format the lane cannot template costs nothing after that).
 MAX_TEMPLATES = 4
@@ -57,6 +57,10 @@ class Volatile:
     pattern: re.Pattern[bytes]
     mark: bytes
     replacement: bytes = b""
+    # The same for the native core: the ``,"key":`` prefixes of the pairs, and whether it is
+    # Anthropic's padding instead.
+    keys: tuple[bytes, ...] = ()
+    pad: bool = False
 
 
 def volatile(*keys: str) -> Volatile:
@@ -65,12 +69,13 @@ def volatile(*keys: str) -> Volatile:
     carries."""
     names = b"|".join(re.escape(k.encode()) for k in keys)
     return Volatile(re.compile(rb',"(?:' + names + rb')":(?:' + _PLAIN + rb"|" + _NUMBER + rb")"),
-                    b'"' + keys[0].encode() + b'":')
+                    b'"' + keys[0].encode() + b'":',
+                    keys=tuple(b',"' + k.encode() + b'":' for k in keys))
 
 
 # Anthropic pads each event's JSON with a varying run of spaces before its last brace (JSON
 # whitespace: no meaning).
-PADDING = Volatile(re.compile(rb"\} +\}\n\n"), b"} ", b"}}\n\n")
+PADDING = Volatile(re.compile(rb"\} +\}\n\n"), b"} ", b"}}\n\n", pad=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +90,8 @@ class Template:
 class TemplateLane:
     """The fast lane of one response."""
 
-    __slots__ = ("_attempts", "_key", "_state", "_templates", "_text_keys", "_vol", "_vol_mark",
-                 "_vol_with")
+    __slots__ = ("_attempts", "_key", "_native_keys", "_native_pad", "_state", "_templates",
+                 "_text_keys", "_vol", "_vol_mark", "_vol_with")
 
     def __init__(self, text_keys: tuple[str, ...], volatile_keys: Volatile | None,
                  state: Callable[[], Any] = lambda: None) -> None:
@@ -96,6 +101,8 @@ class TemplateLane:
         self._vol = volatile_keys.pattern if volatile_keys else None
         self._vol_mark = volatile_keys.mark if volatile_keys else b""
         self._vol_with = volatile_keys.replacement if volatile_keys else b""
+        self._native_keys = volatile_keys.keys if volatile_keys else ()
+        self._native_pad = volatile_keys.pad if volatile_keys else False
         self._state = state
         self._templates: dict[Any, list[Template]] = {}
         self._attempts = 0
@@ -140,6 +147,13 @@ class TemplateLane:
         templates = self._templates.get(self._state())
         if not templates:
             return _MISS
+        if _scan_run is not None:
+            for t in templates:
+                end, text = _scan_run(data, t.head, t.tail, self._native_keys, self._native_pad)
+                if end:
+                    return end, t, [text]
+            # Nothing it could take: the reading below decides (another shape, or one of the
+            # rare cases the native core leaves to it).
         cut = data.rfind(b"\n\n") + 2
         if cut < 2:
             return _MISS
@@ -156,12 +170,7 @@ class TemplateLane:
             lh, lt, sep = len(head), len(tail), t.sep
             try:
                 if region.endswith(tail) and len(region) > lh + lt:
-                    # The whole read may be one run: one native call, else one split and one
-                    # decode.
-                    if _join_run is not None:
-                        joined = _join_run(region, head, tail)
-                        if joined is not None:
-                            return cut, t, [joined]
+                    # The whole read may be one run: one split and one decode.
                     texts = read_run(region, t)
                     if texts is not None:
                         return cut, t, texts
@@ -230,25 +239,24 @@ class TemplateLane:
 
 
 _MISS: tuple[int, None, list[str]] = (0, None, [])
-# The whole-run reader scan() tries first: the native core where it was built, else none (the
-# Python reading below it gives the same texts). Tests switch it with use_native().
-_join_run: Callable[[bytes, bytes, bytes], str | None] | None = _native_join_run
+# What scan() tries first: the native core where it was built, else nothing (the Python
+# reading gives the same texts). Tests switch it with use_native().
+_scan_run = _native_scan_run
 
 
 def use_native(on: bool) -> bool:
-    """Read whole runs with the native core (where built) or in Python only; returns whether
-    the native core was in use before."""
-    global _join_run
-    was = _join_run is not None
-    _join_run = _native_join_run if on else None
+    """Read runs with the native core (where built) or in Python only; returns whether the
+    native core was in use before."""
+    global _scan_run
+    was = _scan_run is not None
+    _scan_run = _native_scan_run if on else None
     return was
 _STR = {str}
 
 
 def read_run(region: bytes, t: Template) -> list[str] | None:
     """The texts of ``region`` when it is wholly a run of ``t``'s events (head, one JSON string,
-    tail; at least one), else None: one ``bytes.split`` and one ``orjson.loads``. The native
-    core's ``join_run`` gives their concatenation, or None, on the same input."""
+    tail; at least one), else None: one ``bytes.split`` and one ``orjson.loads``."""
     head, tail, sep = t.head, t.tail, t.sep
     lh, lt = len(head), len(tail)
     if len(region) <= lh + lt or not region.startswith(head) or not region.endswith(tail):
