@@ -609,7 +609,14 @@ def scenario_layers() -> Table:
             ["tokens/event", "layers", "CPU ms / 1000 events", "events/s"], rows)
 
 
-async def scenario_odd(targets: list[Target]) -> Table:
+async def scenario_odd(targets: list[Target], upstream: str) -> Table:
+    """Framings that are not one event per read; with the sidecar's app without accounting
+    (bench/app_floor.py) as the floor the accounting adds to."""
+    async with app_floor(upstream) as floor:
+        return await _odd([*targets, floor])
+
+
+async def _odd(targets: list[Target]) -> Table:
     rows = []
     for label, shape in (("8 events per write", Shape(chunks=1000, per_write=8, tokens=3)),
                          ("split mid-line", Shape(chunks=1000, split="line", tokens=3)),
@@ -730,22 +737,30 @@ async def scenario_soak(targets: list[Target], seconds: float) -> Table:
             ["target", "seconds", "RSS start MiB", "RSS end MiB", "slope KiB/min"], rows)
 
 
+@contextlib.asynccontextmanager
+async def app_floor(upstream: str) -> AsyncIterator[Target]:
+    """The sidecar's own process and app with the accounting taken out (bench/app_floor.py):
+    what the sidecar costs before it meters anything."""
+    floor = await asyncio.to_thread(start_sidecar, "sidecar app, no accounting", upstream, ROOT,
+                                    None, 1, [str(ROOT / "bench" / "app_floor.py")])
+    await asyncio.to_thread(wait_port, int(floor.url.rsplit(":", 1)[1]), 120)
+    await asyncio.sleep(1.0)
+    try:
+        yield floor
+    finally:
+        assert floor.proc is not None
+        floor.proc.terminate()
+        floor.proc.wait(30)
+
+
 async def scenario_nonstream(targets: list[Target], upstream: str) -> Table:
     """Requests/s of each target, and of the sidecar's own process and app with the accounting
     taken out (bench/app_floor.py): what a request costs the sidecar before it meters."""
     rows: list[list[str]] = []
     body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
     rates: dict[str, float] = {}
-    floor = await asyncio.to_thread(start_sidecar, "sidecar app, no accounting", upstream, ROOT,
-                                    None, 1, [str(ROOT / "bench" / "app_floor.py")])
-    await asyncio.to_thread(wait_port, int(floor.url.rsplit(":", 1)[1]), 120)
-    await asyncio.sleep(1.0)
-    try:
+    async with app_floor(upstream) as floor:
         return await _nonstream([*targets, floor], body, rates, rows)
-    finally:
-        assert floor.proc is not None
-        floor.proc.terminate()
-        floor.proc.wait(30)
 
 
 async def _nonstream(targets: list[Target], body: bytes, rates: dict[str, float],
@@ -895,7 +910,7 @@ async def run(args: argparse.Namespace) -> list[Table]:
         ("paced", lambda: scenario_paced(targets, args.paced)),
         ("throughput", lambda: scenario_throughput(targets)),
         ("layers", None),  # type: ignore[list-item]
-        ("odd", lambda: scenario_odd(targets)),
+        ("odd", lambda: scenario_odd(targets, upstream)),
         ("memory", lambda: scenario_memory(targets, args.memory)),
         ("soak", lambda: scenario_soak(targets, args.soak_seconds)),
         ("nonstream", lambda: scenario_nonstream(targets, upstream)),
