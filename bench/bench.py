@@ -535,7 +535,7 @@ def scenario_layers() -> Table:
     """CPU per 1000 events of each accounting layer, on the sans-IO code alone."""
     from prometheus_client import CollectorRegistry, Counter
 
-    from sidecar.dialects import get_dialect
+    from sidecar.dialects import fastlane, get_dialect
     from sidecar.dialects.base import RequestInfo
     from sidecar.frames import SSEDecoder
     from sidecar.meter import Meter
@@ -591,11 +591,22 @@ def scenario_layers() -> Table:
                     counter.inc(n)
             m.end_of_body()
 
+        def python_lane() -> None:
+            was = fastlane.use_native(False)
+            try:
+                tokenizing(True)
+            finally:
+                fastlane.use_native(was)
+
         layers: list[tuple[str, Callable[[], None]]] = [
             ("framing only", framing), ("framing + dialect", with_dialect),
             ("meter: framing + dialect + tokenizing", tokenizing),
-            ("meter + live counter (full path)", lambda: tokenizing(True)),
-            ("tiktoken alone on each read's text (the exact count's floor)", tiktoken_alone)]
+            ("meter + live counter (full path)", lambda: tokenizing(True))]
+        if fastlane.NATIVE:
+            layers.append(("full path, the lane in Python (no C compiler at install)",
+                           python_lane))
+        layers.append(("tiktoken alone on each read's text (the exact count's floor)",
+                       tiktoken_alone))
         for name, fn in layers:
             fn()
             runs = []
