@@ -23,6 +23,7 @@ depend on the reader's state at learning time (OpenAI's current model): they are
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,8 +96,7 @@ class TemplateLane:
 
     def __init__(self, text_keys: tuple[str, ...], volatile_keys: Volatile | None,
                  state: Callable[[], Any] = lambda: None) -> None:
-        self._key = re.compile(rb'"(?:' + b"|".join(re.escape(k.encode()) for k in text_keys)
-                               + rb')":\s*("(?:[^"\\\x00-\x1f]|\\.)*")')
+        self._key = _key_pattern(text_keys)
         self._text_keys = text_keys
         self._vol = volatile_keys.pattern if volatile_keys else None
         self._vol_mark = volatile_keys.mark if volatile_keys else b""
@@ -236,6 +236,14 @@ class TemplateLane:
             if self._vol_mark in first:
                 data = self._vol.sub(self._vol_with, first)
         return any(data.startswith(t.head) for t in templates)
+
+
+@functools.lru_cache(maxsize=64)
+def _key_pattern(text_keys: tuple[str, ...]) -> re.Pattern[bytes]:
+    """The pattern that finds a text key's JSON string in an event (one per dialect: building
+    it per response cost more than the rest of a lane's setup)."""
+    return re.compile(rb'"(?:' + b"|".join(re.escape(k.encode()) for k in text_keys)
+                      + rb')":\s*("(?:[^"\\\x00-\x1f]|\\.)*")')
 
 
 _MISS: tuple[int, None, list[str]] = (0, None, [])
