@@ -134,8 +134,10 @@ class Proxy:
 
     async def _read_body(self, request: web.Request) -> bytes | None:
         limit = self.settings.max_request_body
-        if request.content_length is not None and request.content_length > limit:
-            return None
+        if request.content_length is not None:
+            if request.content_length > limit:
+                return None
+            return await request.read()  # the declared length, at most the app's own limit
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.content.iter_any():
