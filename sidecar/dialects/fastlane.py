@@ -39,6 +39,7 @@ except ImportError:  # pragma: no cover - installs without a C compiler
 
 # Whether this install has the native core (built where a C compiler was present).
 NATIVE = _native_scan_run is not None
+
 # How many templates one response keeps per reader state, and how many events it may try to
 # learn from before giving up (a format the lane cannot template costs nothing after that).
 MAX_TEMPLATES = 4
@@ -247,6 +248,7 @@ def _key_pattern(text_keys: tuple[str, ...]) -> re.Pattern[bytes]:
 
 
 _MISS: tuple[int, None, list[str]] = (0, None, [])
+_STR = {str}
 # What scan() tries first: the native core where it was built, else nothing (the Python
 # reading gives the same texts). Tests switch it with use_native().
 _scan_run = _native_scan_run
@@ -259,7 +261,6 @@ def use_native(on: bool) -> bool:
     was = _scan_run is not None
     _scan_run = _native_scan_run if on else None
     return was
-_STR = {str}
 
 
 def read_run(region: bytes, t: Template) -> list[str] | None:
