@@ -5,8 +5,8 @@
  * (``,"key":value`` pairs of ``keys``, Anthropic's padding where ``pad``: what the Python lane's
  * pattern removes), and returns (bytes taken, the decoded strings concatenated). It stops
  * before the first event it cannot take: another shape, a partial event, a control character,
- * an unknown escape, an escaped surrogate (the Python lane decides those); (0, "") where the
- * texts are not valid UTF-8. Whatever it takes, the Python lane takes with the same text:
+ * an unknown escape, an escaped surrogate (the Python lane decides those), a string that is
+ * not valid UTF-8 on its own. Whatever it takes, the Python lane takes with the same text:
  * tests/test_fastlane.py checks both on generated and recorded input, and fuzz/fuzz_meter.py
  * compares them on arbitrary bytes.
  *
@@ -28,6 +28,47 @@ static int hexval(unsigned char c)
     if (c >= 'A' && c <= 'F')
         return c - 'A' + 10;
     return -1;
+}
+
+/* Whether out[0:w] is well-formed UTF-8 (RFC 3629: no overlong forms, no surrogates, nothing
+ * above U+10FFFF), what orjson and Python's strict decoder accept. Each string is checked on
+ * its own: two events' invalid halves must not make one valid character when joined. */
+static int valid_utf8(const unsigned char *s, Py_ssize_t w)
+{
+    Py_ssize_t i = 0;
+    while (i < w) {
+        unsigned char c = s[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        Py_ssize_t need;
+        unsigned char lo = 0x80, hi = 0xBF;
+        if (c >= 0xC2 && c <= 0xDF) {
+            need = 1;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            need = 2;
+            if (c == 0xE0)
+                lo = 0xA0;
+            else if (c == 0xED)
+                hi = 0x9F;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            need = 3;
+            if (c == 0xF0)
+                lo = 0x90;
+            else if (c == 0xF4)
+                hi = 0x8F;
+        } else {
+            return 0;
+        }
+        if (w - i <= need || s[i + 1] < lo || s[i + 1] > hi)
+            return 0;
+        for (Py_ssize_t k = 2; k <= need; k++)
+            if (s[i + k] < 0x80 || s[i + k] > 0xBF)
+                return 0;
+        i += need + 1;
+    }
+    return 1;
 }
 
 /* Decodes the JSON string at p[*i] (its opening quote) into out; advances *i past its closing
@@ -231,7 +272,7 @@ static PyObject *scan_run(PyObject *self, PyObject *const *args, Py_ssize_t narg
         if (!match(p, n, &k, head, lh, keys, pad))
             break;
         Py_ssize_t got = decode_string(p, n, &k, buf + w);
-        if (got < 0)
+        if (got < 0 || !valid_utf8((const unsigned char *)buf + w, got))
             break;
         if (!match(p, n, &k, tail, lt, keys, pad))
             break;
@@ -240,13 +281,10 @@ static PyObject *scan_run(PyObject *self, PyObject *const *args, Py_ssize_t narg
     }
     PyObject *text = NULL, *result = NULL;
     if (end > 0) {
+        /* valid: every string was checked (a failure here can only be out of memory) */
         text = PyUnicode_DecodeUTF8(buf, w, "strict");
-        if (text == NULL) {
-            if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
-                goto done; /* out of memory: raise it */
-            PyErr_Clear();
-            end = 0; /* invalid UTF-8 somewhere: the Python lane reads this data */
-        }
+        if (text == NULL)
+            goto done;
     }
     if (text == NULL)
         text = PyUnicode_New(0, 0);
