@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
@@ -178,6 +179,32 @@ async def test_body_over_limit_gets_413(stack_factory: StackFactory) -> None:
     status, _, got = await post(stack, "none", b"x" * 5000)
     assert status == 413 and b"max_request_body" in got
     assert stack.upstream.requests == []
+
+
+async def test_bodies_with_and_without_a_declared_length(stack_factory: StackFactory) -> None:
+    """A Content-Length body and a chunked one (read by different paths) reach the upstream
+    byte for byte; a chunked body over the limit gets the same 413 and never leaves."""
+    stack = await stack_factory(max_request_body=4000)
+    body = chat_body()
+
+    async def pieces(data: bytes) -> AsyncIterator[bytes]:
+        for i in range(0, len(data), 7):
+            yield data[i:i + 7]
+
+    for data in (body, pieces(body)):
+        sid = stack.upstream.add(Script(chunks=[chat_chunks(TEXT, 2, usage=USAGE)]))
+        async with aiohttp.ClientSession() as session, session.post(
+                stack.proxy_url + "/v1/chat/completions", data=data,
+                headers={"X-Script": sid, "Content-Type": "application/json"}) as resp:
+            assert resp.status == 200
+            await resp.read()
+        assert stack.upstream.requests[-1]["body"] == body
+    async with aiohttp.ClientSession() as session, session.post(
+            stack.proxy_url + "/v1/chat/completions", data=pieces(b"x" * 5000),
+            headers={"X-Script": "none"}) as resp:
+        assert resp.status == 413 and b"max_request_body" in await resp.read()
+    assert len(stack.upstream.requests) == 2
+    assert stack.value("llm_requests_total", code="200") == 2
 
 
 async def test_client_disconnect_mid_stream_is_settled(stack: Stack) -> None:
