@@ -72,10 +72,14 @@ static int valid_utf8(const unsigned char *s, Py_ssize_t w)
 }
 
 /* Decodes the JSON string at p[*i] (its opening quote) into out; advances *i past its closing
- * quote. Returns the bytes written, or -1 where the general path must decide. */
-static Py_ssize_t decode_string(const unsigned char *p, Py_ssize_t n, Py_ssize_t *i, char *out)
+ * quote. Returns the bytes written, or -1 where the general path must decide. *raw_high is
+ * set when a byte of 0x80 or more was copied as is (escapes always give whole characters:
+ * without such a byte the string is valid UTF-8). */
+static Py_ssize_t decode_string(const unsigned char *p, Py_ssize_t n, Py_ssize_t *i, char *out,
+                                int *raw_high)
 {
     Py_ssize_t k = *i, w = 0;
+    unsigned char high = 0;
     if (k >= n || p[k] != '"')
         return -1;
     k++;
@@ -85,14 +89,16 @@ static Py_ssize_t decode_string(const unsigned char *p, Py_ssize_t n, Py_ssize_t
         unsigned char c = p[k];
         if (c == '"') {
             *i = k + 1;
+            *raw_high = high >= 0x80;
             return w;
         }
         if (c < 0x20)
             return -1;
         if (c != '\\') {
             Py_ssize_t j = k + 1;
+            high |= c;
             while (j < n && p[j] != '"' && p[j] != '\\' && p[j] >= 0x20)
-                j++;
+                high |= p[j++];
             memcpy(out + w, p + k, (size_t)(j - k));
             w += j - k;
             k = j;
@@ -271,8 +277,9 @@ static PyObject *scan_run(PyObject *self, PyObject *const *args, Py_ssize_t narg
         Py_ssize_t k = end;
         if (!match(p, n, &k, head, lh, keys, pad))
             break;
-        Py_ssize_t got = decode_string(p, n, &k, buf + w);
-        if (got < 0 || !valid_utf8((const unsigned char *)buf + w, got))
+        int raw_high;
+        Py_ssize_t got = decode_string(p, n, &k, buf + w, &raw_high);
+        if (got < 0 || (raw_high && !valid_utf8((const unsigned char *)buf + w, got)))
             break;
         if (!match(p, n, &k, tail, lt, keys, pad))
             break;
