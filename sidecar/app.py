@@ -190,6 +190,7 @@ def make_app(
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         # Load tokenizers off the loop: the first load parses a few MB of vocabulary.
         await asyncio.get_running_loop().run_in_executor(None, tokenizers.preload)
+        tokenizers.warm()  # here, on the loop's thread: the one that counts
         for name in ("o200k_base", "cl100k_base"):
             log.info("encoding %s loaded from %s", name, encoding_source(name))
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True,

@@ -419,9 +419,9 @@ class Meter:
         if budget is None or len(text) < LARGE_TEXT:
             self._committed += counter.feed(text)
         elif budget.allow():
-            t = time.perf_counter()
+            t = time.thread_time()  # CPU, not wall time: a thread may wait for the GIL
             self._committed += counter.feed(text)
-            budget.spend(time.perf_counter() - t)
+            budget.spend(time.thread_time() - t)
         else:
             self._committed += counter.estimate(text)
             self.estimated_chars += len(text)

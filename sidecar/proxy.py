@@ -47,8 +47,12 @@ HOP_BY_HOP = frozenset(
         "TE", "Trailer", "Trailers", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
     )
 )
-# Chunks above this are metered in a worker thread so tokenizing never stalls the event loop.
-OFFLOAD_BYTES = 64 * 1024
+# Request bodies and response reads above this are metered in a worker thread, so that one
+# huge body cannot stall every other stream. Below it, metering on the loop is cheaper: in a
+# worker, tiktoken runs ~1.45x slower (only the first thread to encode gets its regex cache's
+# fast path: Tokenizers.warm) and trades the GIL with the loop; a saturated proxy's reads of
+# 64-640 KB cost up to twice the CPU there (docs/PERFORMANCE.md, the third stop).
+OFFLOAD_BYTES = 1024 * 1024
 
 OUTCOME_COMPLETED = "completed"
 OUTCOME_CLIENT_DISCONNECTED = "client_disconnected"

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
 
-from sidecar.config import Route
+from sidecar.app import make_app, start
+from sidecar.config import Route, Settings
 from sidecar.structure import SEEDS
+from sidecar.tokens import SUPPORTED_ENCODINGS, Tokenizers, get_encoding
 
-from .conftest import Script, StackFactory, chat_chunks, sse
+from .conftest import Script, ScriptedUpstream, StackFactory, chat_chunks, sse
 
 USAGE = {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}
 
@@ -136,3 +140,45 @@ async def test_counters_alerts_read_start_at_zero(stack_factory: StackFactory) -
         assert f'llm_budget_rejections_total{{budget="hard",provider="{provider}"}} 0.0' in text
         assert f'llm_budget_cut_offs_total{{budget="hard",provider="{provider}"}} 0.0' in text
     assert "llm_tokenizer_estimated_chars_total 0.0" in text
+
+
+class _FirstEncoder:
+    """A tiktoken Encoding that remembers the thread of its first encode_ordinary call."""
+
+    def __init__(self, enc: Any) -> None:
+        self._enc = enc
+        self.first_thread: int | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._enc, name)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        if self.first_thread is None:
+            self.first_thread = threading.get_ident()
+        result: list[int] = self._enc.encode_ordinary(text)
+        return result
+
+
+async def test_encodings_first_encode_on_the_loop_thread() -> None:
+    """Loading runs in a worker, but the first encode (the one tiktoken's matcher gives its fast
+    path to) happens on the event loop's thread, before any request can be metered in a worker."""
+    loaded: dict[str, _FirstEncoder] = {}
+
+    def loader(name: str) -> Any:
+        loaded[name] = _FirstEncoder(get_encoding(name))
+        return loaded[name]
+
+    upstream = ScriptedUpstream()
+    await upstream.start()
+    settings = Settings(upstream=upstream.url, listen=("127.0.0.1", 0),
+                        metrics_listen=("127.0.0.1", 0), state="memory://")
+    apps = make_app(settings, tokenizers=Tokenizers(loader=loader), record_sink=None)
+    running = await start(apps, settings, shutdown_timeout=1.0)
+    try:
+        assert sorted(loaded) == sorted(SUPPORTED_ENCODINGS)
+        loop_thread = threading.get_ident()
+        assert all(e.first_thread == loop_thread for e in loaded.values()), \
+            {n: e.first_thread for n, e in loaded.items()}
+    finally:
+        await running.stop()
+        await upstream.stop()
