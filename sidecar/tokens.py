@@ -405,12 +405,14 @@ _SAFE_CUT = regex.compile(r"(?r)\S(?= \p{L})")
 
 # Bounded memoization of piece -> token count; common words repeat across every stream.
 _PIECE_CACHE_MAX = 50_000
+# Texts whose counts count() remembers (a few MB at most; cleared when full).
+_COUNT_MEMO_MAX = 50_000
 
 
 class Tokenizer:
     """One encoding and estimation profile, plus what incremental counting needs."""
 
-    __slots__ = ("enc", "exact", "name", "pattern", "piece_cache", "profile")
+    __slots__ = ("_counted", "enc", "exact", "name", "pattern", "piece_cache", "profile")
 
     def __init__(self, enc: tiktoken.Encoding, profile: Profile = EXACT) -> None:
         self.enc = enc
@@ -419,6 +421,9 @@ class Tokenizer:
         self.exact = profile is EXACT
         self.pattern: regex.Pattern[str] = regex.compile(enc._pat_str)
         self.piece_cache: dict[str, float] = {}
+        # count()'s memo: (length, hash) of a text -> its tokens. Keyed without the text, so
+        # no prompt is kept alive by it; bounded by entries.
+        self._counted: dict[tuple[int, int], int] = {}
 
     def counter(self) -> TextCounter:
         return TextCounter(self)
@@ -470,7 +475,18 @@ class Tokenizer:
         return sum(self._weigh_piece(p) for p in self.pattern.findall(text))
 
     def count(self, text: str) -> int:
-        return round(self.weigh(text))
+        """Tokens of one text of a request (what prompt estimates are made of), memoized: the
+        same system prompt, tool names and descriptions and earlier turns come back with every
+        request of an agent or a conversation, and hashing a text costs a few percent of
+        tokenizing it."""
+        key = (len(text), hash(text))
+        n = self._counted.get(key)
+        if n is None:
+            n = round(self.weigh(text))
+            if len(self._counted) >= _COUNT_MEMO_MAX:
+                self._counted.clear()
+            self._counted[key] = n
+        return n
 
 
 class Tokenizers:

@@ -219,3 +219,29 @@ def test_estimate_uses_the_streams_own_ratio() -> None:
     assert abs(guess - exact) <= 2 and c.estimated_chars == len(prose)
     fresh = tok.counter()  # nothing counted exactly yet: a sample of the text gives the ratio
     assert abs(fresh.estimate(prose) - exact) <= 2
+
+
+@given(texts=st.lists(TEXT, min_size=1, max_size=8), name=st.sampled_from(
+    ["o200k_base", "cl100k_base"]))
+@settings(max_examples=300, deadline=None)
+def test_count_memo_gives_what_the_encoder_gives(texts: list[str], name: str) -> None:
+    """count() remembers texts (a request's system prompt and tools come back every time); the
+    second answer for a text, and every answer for a text of the same length, is the encoder's."""
+    tok = _SHARED.by_encoding(name)
+    for text in texts + texts[::-1]:
+        assert tok.count(text) == len(tok.enc.encode_ordinary(text)), text
+
+
+def test_count_memo_keeps_no_text_and_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tokens, "_COUNT_MEMO_MAX", 8)
+    tok = Tokenizers().by_encoding("o200k_base", tokens.Profile("memo-test", text_factor=1.25))
+    prompt = "You are a careful assistant. " * 20
+    first = tok.count(prompt)
+    assert first == round(len(tok.enc.encode_ordinary(prompt)) * 1.25)
+    assert tok.count(prompt) == first
+    memo = tok._counted
+    assert all(isinstance(k, tuple) and all(isinstance(x, int) for x in k) for k in memo)
+    for i in range(50):
+        tok.count(f"tool_{i}: looks things up")
+        assert len(memo) <= 8
+    assert tok.count(prompt) == first  # counted again after the memo was cleared: same
