@@ -764,18 +764,42 @@ async def app_floor(upstream: str) -> AsyncIterator[Target]:
         floor.proc.wait(30)
 
 
+def agent_body(turn: int) -> bytes:
+    """A request as coding agents send them (~21 KB): a long system prompt, 20 tools and the
+    conversation so far, resent every turn, with a new last message each time."""
+    system = ("You are a coding agent working in a large monorepo. Follow the style guide, run "
+              "the tests, never push to main, explain each change briefly. ") * 60
+    tools = [{"type": "function", "function": {
+        "name": f"tool_{i}", "description": f"Does operation {i} on the workspace: reads files, "
+        "edits them, or runs a command and returns its output.",
+        "parameters": {"type": "object", "required": ["path"], "properties": {
+            "path": {"type": "string", "description": "File path relative to the repo root"},
+            "mode": {"type": "string", "enum": ["read", "write", "append"]},
+            "limit": {"type": "integer", "description": "Max lines"}}}}} for i in range(20)]
+    history = [{"role": "user", "content": "Fix the failing test in handlers/orders.py"},
+               {"role": "assistant", "content": "Looking at the file now."}] * 40
+    return orjson.dumps({"model": "gpt-4o-mini", "tools": tools, "messages": [
+        {"role": "system", "content": system}, *history,
+        {"role": "user", "content": f"Step {turn}: run the tests again and report."}]})
+
+
 async def scenario_nonstream(targets: list[Target], upstream: str) -> Table:
     """Requests/s of each target, and of the sidecar's own process and app with the accounting
-    taken out (bench/app_floor.py): what a request costs the sidecar before it meters."""
+    taken out (bench/app_floor.py): what a request costs the sidecar before it meters. Two
+    requests: a one-line chat, and what an agent sends (agent_body)."""
     rows: list[list[str]] = []
-    body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
-    rates: dict[str, float] = {}
+    tiny = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
     async with app_floor(upstream) as floor:
-        return await _nonstream([*targets, floor], body, rates, rows)
+        for label, body in (("one-line chat", lambda n: tiny),
+                            ("agent, 21 KB (system prompt, 20 tools, history)", agent_body)):
+            await _nonstream([*targets, floor], label, body, rows)
+    return ("6. Non-streaming requests/s (20 concurrent)",
+            ["request", "target", "requests/s", "proxy CPU us / request", "vs bare"], rows)
 
 
-async def _nonstream(targets: list[Target], body: bytes, rates: dict[str, float],
-                     rows: list[list[str]]) -> Table:
+async def _nonstream(targets: list[Target], label: str, body: Callable[[int], bytes],
+                     rows: list[list[str]]) -> None:
+    rates: dict[str, float] = {}
     for t in targets:
         done = 0
         seconds = 5.0
@@ -784,8 +808,9 @@ async def _nonstream(targets: list[Target], body: bytes, rates: dict[str, float]
         async def worker(s: aiohttp.ClientSession, url: str = t.url, stop: float = stop) -> None:
             nonlocal done
             while time.monotonic() < stop:
-                async with s.post(url + "/v1/chat/completions", data=body,
-                                  headers={"X-Bench-Nonstream": "1"}) as r:
+                async with s.post(url + "/v1/chat/completions", data=body(done),
+                                  headers={"X-Bench-Nonstream": "1",
+                                           "Content-Type": "application/json"}) as r:
                     await r.read()
                 done += 1
 
@@ -796,11 +821,9 @@ async def _nonstream(targets: list[Target], body: bytes, rates: dict[str, float]
         rates[t.name] = rate
         cpu = (t.cpu_seconds() - cpu0) / done * 1e6 if done else 0.0
         bare = rates.get("bare aiohttp")
-        rows.append([t.name, f"{rate:,.0f}", "-" if t.proc is None else f"{cpu:.0f}",
+        rows.append([label, t.name, f"{rate:,.0f}", "-" if t.proc is None else f"{cpu:.0f}",
                      f"{rate / bare:.2f}x" if bare and t.name not in (
                          "direct", "bare aiohttp") else "-"])
-    return ("6. Non-streaming requests/s (20 concurrent)",
-            ["target", "requests/s", "proxy CPU us / request", "vs bare"], rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -419,22 +419,32 @@ _MEDIA_KEYS = ("image_url", "input_audio", "fileData", "file_data", "inlineData"
                "image", "document", "video")
 
 
-def has_media(body: object, depth: int = 0) -> bool:
+_MEDIA_KEY_SET = frozenset(_MEDIA_KEYS)
+# Top-level fields that hold JSON schemas, never media: a tool parameter named "image" is a
+# parameter (and the walk through every tool definition cost more than the rest of settling).
+_SCHEMA_FIELDS = frozenset({"tools", "functions", "toolConfig", "response_format",
+                            "tool_choice", "text", "generationConfig", "parameters"})
+
+
+def has_media(body: object) -> bool:
     """Whether a request carries media parts (images, audio, files, video) anywhere in its
     messages: their tokens are counted only where a published formula and their size are
     known, so such requests do not teach the prompt's overheads."""
-    if depth > 8:
-        return False
-    if isinstance(body, dict):
-        kind = body.get("type")
-        if isinstance(kind, str) and kind in _MEDIA_TYPES:
-            return True
-        if any(key in body for key in _MEDIA_KEYS):
-            return True
-        return any(has_media(v, depth + 1) for v in body.values()
-                   if isinstance(v, dict | list))
-    if isinstance(body, list):
-        return any(has_media(v, depth + 1) for v in body if isinstance(v, dict | list))
+    stack: list[tuple[object, int]] = [(body, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            kind = node.get("type")
+            if isinstance(kind, str) and kind in _MEDIA_TYPES:
+                return True
+            if not _MEDIA_KEY_SET.isdisjoint(node):
+                return True
+            if depth < 8:
+                stack.extend((v, depth + 1) for k, v in node.items()
+                             if isinstance(v, dict | list)
+                             and not (depth == 0 and k in _SCHEMA_FIELDS))
+        elif isinstance(node, list) and depth < 8:
+            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
     return False
 
 

@@ -421,9 +421,10 @@ class Tokenizer:
         self.exact = profile is EXACT
         self.pattern: regex.Pattern[str] = regex.compile(enc._pat_str)
         self.piece_cache: dict[str, float] = {}
-        # count()'s memo: (length, hash) of a text -> its tokens. Keyed without the text, so
-        # no prompt is kept alive by it; bounded by entries.
-        self._counted: dict[tuple[int, int], int] = {}
+        # count()'s memo: (length, hash) of a text -> its tokens (count_rendered(): of the
+        # source, with a third item). Keyed without the text, so no prompt is kept alive by
+        # it; bounded by entries.
+        self._counted: dict[tuple[int, ...], int] = {}
 
     def counter(self) -> TextCounter:
         return TextCounter(self)
@@ -483,6 +484,19 @@ class Tokenizer:
         n = self._counted.get(key)
         if n is None:
             n = round(self.weigh(text))
+            if len(self._counted) >= _COUNT_MEMO_MAX:
+                self._counted.clear()
+            self._counted[key] = n
+        return n
+
+    def count_rendered(self, source: bytes, render: Callable[[], str]) -> int:
+        """count(render()), remembered by ``source``, what the text is rendered from (tool
+        definitions as JSON): an agent's tools come back with every request, and rendering
+        them costs more than counting the result."""
+        key = (len(source), hash(source), 1)
+        n = self._counted.get(key)
+        if n is None:
+            n = self.count(render())
             if len(self._counted) >= _COUNT_MEMO_MAX:
                 self._counted.clear()
             self._counted[key] = n

@@ -6,8 +6,11 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar.dialects.base import Usage
+from sidecar.dialects.functions import estimate_legacy_chat
 from sidecar.dialects.openai import OpenAIDialect, estimate_chat_prompt, rendered_tools, usage_from
 from sidecar.frames import Frame
 from sidecar.tokens import Tokenizers
@@ -161,3 +164,31 @@ def test_legacy_prompt(tokenizers: Tokenizers, prompt: Any, expect: int) -> None
 def test_negative_or_odd_counts_are_ignored() -> None:
     assert usage_from({"prompt_tokens": -5, "completion_tokens": 7}) == Usage(output=7)
     assert usage_from({"prompt_tokens": 1e20, "completion_tokens": 2.5}) == Usage(input=10**20)
+
+
+_ROLES = st.sampled_from(["system", "user", "assistant", "function", "tool", None])
+_CONTENT = st.one_of(st.none(), st.just(""), st.text(max_size=40),
+                     st.lists(st.fixed_dictionaries({"type": st.just("text"),
+                                                     "text": st.text(max_size=10)}), max_size=2))
+_MESSAGE = st.one_of(
+    st.fixed_dictionaries({"role": _ROLES, "content": _CONTENT},
+                          optional={"name": st.text(max_size=8), "function_call": st.just(
+                              {"name": "f", "arguments": "{}"})}),
+    st.integers())  # not a message: skipped by both
+
+
+@given(messages=st.lists(_MESSAGE, max_size=6), n_functions=st.integers(1, 3))
+@settings(max_examples=300, deadline=None)
+def test_rendered_tools_counts_only_what_the_functions_change(messages: list[Any],
+                                                              n_functions: int) -> None:
+    """rendered_tools() is the legacy estimate with the functions minus the one without them,
+    worked out from the system message alone instead of counting every message twice."""
+    tok = Tokenizers().for_model("gpt-4o")
+    functions = [{"name": f"f{i}", "description": "Looks things up.", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string", "description": "query"}}}}
+        for i in range(n_functions)]
+    plain = [m for m in messages if isinstance(m, dict)]
+    expected = estimate_legacy_chat(plain, functions, None, tok) - \
+        estimate_legacy_chat(plain, None, None, tok)
+    assert rendered_tools(messages, [{"type": "function", "function": f} for f in functions],
+                          tok) == expected

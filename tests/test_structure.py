@@ -588,6 +588,18 @@ def test_models_of_no_known_family_learn_only_for_themselves() -> None:
                                                  "input_audio": {"data": ""}}]}]}, True),
     ({"messages": [{"role": "user", "content": "an image_url in text is text"}]}, False),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, False),
+    # A tool's parameter named "image" is part of a schema, not an image.
+    ({"messages": [{"role": "user", "content": "crop it"}], "tools": [{"type": "function",
+      "function": {"name": "crop", "parameters": {"type": "object", "properties": {
+          "image": {"type": "string"}}}}}]}, False),
+    ({"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {"responseSchema": {
+        "type": "object", "properties": {"document": {"type": "string"}}}}}, False),
+    # Media deep in a conversation, and beside schemas, is still found.
+    ({"tools": [], "messages": [{"role": "tool", "content": [{"type": "text", "text": "a"},
+                                                             {"type": "image", "source": {}}]}]},
+     True),
+    ({"system": [{"type": "text", "text": "s"}], "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "base64"}}]}]}, True),
 ])
 def test_requests_with_media_do_not_teach_prompt_overheads(body: object, media: bool) -> None:
     from sidecar.structure import has_media

@@ -245,3 +245,21 @@ def test_count_memo_keeps_no_text_and_stays_bounded(monkeypatch: pytest.MonkeyPa
         tok.count(f"tool_{i}: looks things up")
         assert len(memo) <= 8
     assert tok.count(prompt) == first  # counted again after the memo was cleared: same
+
+
+def test_count_rendered_renders_once_per_source() -> None:
+    tok = Tokenizers().by_encoding("o200k_base")
+    rendered: list[str] = []
+
+    def render() -> str:
+        rendered.append("namespace functions {\ntype lookup = (_: {q: string}) => any;\n}")
+        return rendered[-1]
+
+    source = b'[{"name": "lookup", "parameters": {"q": {"type": "string"}}}]'
+    first = tok.count_rendered(source, render)
+    assert first == len(tok.enc.encode_ordinary(rendered[0]))
+    assert tok.count_rendered(source, render) == first
+    assert len(rendered) == 1
+    # The source's own text, counted as a text, is a different entry.
+    assert tok.count(source.decode()) == len(tok.enc.encode_ordinary(source.decode()))
+    assert tok.count_rendered(source + b" ", render) == first and len(rendered) == 2

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from ..tokens import Tokenizer
 
 
@@ -102,6 +104,21 @@ def estimate_legacy_chat(messages: list[Any], functions: list[Any] | None,
             n += 1
         elif isinstance(function_call, dict):
             n += tok.count(str(function_call.get("name", ""))) + 4
+    return n
+
+
+def functions_delta(messages: list[Any], functions: list[Any], tok: Tokenizer) -> int:
+    """What ``functions`` add to estimate_legacy_chat(messages, None, None): the namespace, and
+    the newline it appends to the first system message (every other message counts the same
+    either way, so only that one is counted again)."""
+    n = tok.count_rendered(orjson.dumps(functions), lambda: format_functions(functions)) + 9
+    first = next((m for m in messages if isinstance(m, dict) and m.get("role") == "system"),
+                 None)
+    if first is not None:
+        n -= 4
+        content = first.get("content")
+        n += tok.count(f"{content or ''}\n") - (
+            tok.count(content) if isinstance(content, str) and content else 0)
     return n
 
 

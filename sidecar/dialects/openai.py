@@ -28,7 +28,7 @@ from .base import (
     request_info,
     tool_calls,
 )
-from .functions import estimate_legacy_chat, uses_legacy_functions
+from .functions import estimate_legacy_chat, functions_delta, uses_legacy_functions
 from .images import data_url_size, openai_image_tokens
 
 _AZURE_DEPLOYMENT = re.compile(r"/openai/deployments/([^/]+)/")
@@ -264,9 +264,7 @@ def rendered_tools(messages: list[Any], tools: list[Any], tok: Tokenizer) -> int
                                                                         dict))]
     n = estimate_tools(others, None, tok) if others else 0
     if functions:
-        plain = [m for m in messages if isinstance(m, dict)]
-        n += estimate_legacy_chat(plain, functions, None, tok) - \
-            estimate_legacy_chat(plain, None, None, tok)
+        n += functions_delta(messages, functions, tok)
     return n
 
 
