@@ -180,6 +180,9 @@ class Meter:
         self._body: list[bytes] | None = None
         # Text seen during one feed(), per slot: each counter is fed once per upstream read.
         self._pending: dict[tuple[Any, ...], list[str]] = {}
+        # Exact counts of texts this long wait for count_deferred() (None: counted in feed()).
+        self.defer_chars: int | None = None
+        self._deferred: list[tuple[TextCounter, str]] = []
         self._body_size = 0
         self._undecodable = False
 
@@ -322,6 +325,7 @@ class Meter:
                         self._count_pending()
         except Exception as exc:
             self.malformed(f"meter error: {type(exc).__name__}")
+        self.count_deferred()
         for counter in self._counters.values():
             self._committed += counter.flush()
         self._ended = True
@@ -414,17 +418,46 @@ class Meter:
 
     def _count(self, counter: TextCounter, text: str) -> None:
         """One slot's text of one read into its counter: exactly, or by its length once the
-        shared tokenizing budget is spent (large texts only)."""
+        shared tokenizing budget is spent (large texts only). An exact count of a text of
+        ``defer_chars`` or more is set aside for count_deferred() (the proxy runs it in a worker:
+        tiktoken releases the GIL), and so is everything after it until then, in order."""
+        if self._deferred:
+            self._deferred.append((counter, text))
+            return
+        budget = self._budget
+        if len(text) < LARGE_TEXT:
+            self._committed += counter.feed(text)
+        elif budget is not None and not budget.allow():
+            self._committed += counter.estimate(text)
+            self.estimated_chars += len(text)
+        elif self.defer_chars is not None and len(text) >= self.defer_chars:
+            self._deferred.append((counter, text))
+        else:
+            self._count_exact(counter, text)
+
+    def _count_exact(self, counter: TextCounter, text: str) -> None:
         budget = self._budget
         if budget is None or len(text) < LARGE_TEXT:
             self._committed += counter.feed(text)
-        elif budget.allow():
+        else:
             t = time.thread_time()  # CPU, not wall time: a thread may wait for the GIL
             self._committed += counter.feed(text)
             budget.spend(time.thread_time() - t)
-        else:
-            self._committed += counter.estimate(text)
-            self.estimated_chars += len(text)
+
+    @property
+    def deferred(self) -> bool:
+        """Large texts wait for count_deferred()."""
+        return bool(self._deferred)
+
+    def count_deferred(self) -> None:
+        """Count what _count set aside (may run in a worker thread while nothing else uses this
+        meter). Never raises."""
+        items, self._deferred = self._deferred, []
+        try:
+            for counter, text in items:
+                self._count_exact(counter, text)
+        except Exception as exc:  # accounting must never break the stream
+            self.malformed(f"meter error: {type(exc).__name__}")
 
     def usage(self, usage: Usage) -> None:
         if self._probe is not None:

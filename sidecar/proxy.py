@@ -48,11 +48,15 @@ HOP_BY_HOP = frozenset(
     )
 )
 # Request bodies and response reads above this are metered in a worker thread, so that one
-# huge body cannot stall every other stream. Below it, metering on the loop is cheaper: in a
-# worker, tiktoken runs ~1.45x slower (only the first thread to encode gets its regex cache's
-# fast path: Tokenizers.warm) and trades the GIL with the loop; a saturated proxy's reads of
-# 64-640 KB cost up to twice the CPU there (docs/PERFORMANCE.md, the third stop).
+# huge body cannot stall every other stream. Below it, the loop reads a response and a worker
+# counts only its large texts (DEFER_CHARS): a worker runs tiktoken ~1.45x slower (its fast
+# path belongs to the first thread that encodes: Tokenizers.warm) and trades the GIL with the
+# loop for every line of Python it runs, so metering whole 64-640 KB reads there cost up to
+# twice the CPU; tiktoken alone releases the GIL, and leaves the loop free meanwhile.
 OFFLOAD_BYTES = 1024 * 1024
+# A slot's text in one read at least this long is counted in a worker (Meter.count_deferred):
+# ~1 ms of tiktoken or more, well above what the hand-over costs.
+DEFER_CHARS = 32 * 1024
 
 OUTCOME_COMPLETED = "completed"
 OUTCOME_CLIENT_DISCONNECTED = "client_disconnected"
@@ -218,6 +222,7 @@ class Proxy:
                       max_frame_size=self.settings.max_frame_size, budget=self.count_budget,
                       output_overheads=learned.output, prompt_overheads=learned.input)
         meter.hidden_expected = learned.hidden
+        meter.defer_chars = DEFER_CHARS
         if not tokenizer.exact:
             meter.output_scale, meter.input_scale = learned.output_scale, learned.input_scale
         book = self.policy.prices
@@ -396,6 +401,8 @@ class Proxy:
                     await loop.run_in_executor(None, meter.feed, chunk)
                 else:
                     meter.feed(chunk)
+                if meter.deferred:
+                    await loop.run_in_executor(None, meter.count_deferred)
                 self._live_output(ex)
                 if drain_deadline is not None and self.clock() > drain_deadline:
                     return

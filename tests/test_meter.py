@@ -148,3 +148,79 @@ def test_large_texts_are_estimated_once_the_tokenizer_budget_is_spent() -> None:
     short.feed(sse({"model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": "hi"}}]}))
     short.end_of_body()
     assert short.estimated_chars == 0  # small texts are always counted exactly
+
+
+@given(sizes=st.lists(st.integers(1, 20000), min_size=1, max_size=12),
+       defer=st.sampled_from([1, 40, 300, 5000]), deferred_in_thread=st.booleans(),
+       whole=st.booleans())
+@settings(max_examples=150, deadline=None)
+def test_deferred_large_counts_settle_and_go_live_as_if_counted_in_feed(
+        sizes: list[int], defer: int, deferred_in_thread: bool, whole: bool) -> None:
+    """The proxy counts a slot's large texts of a read in a worker (count_deferred) after the
+    loop read it: same live totals read for read once counted, same settlement, in order."""
+    import threading
+
+    text = ("Deferred counts keep their order; tool args {\"path\": \"a/b.py\", \"n\": 1}. " * 80
+            + "计费。" * 30)
+    body = chat_chunks(text, 37) + sse(
+        {"model": "gpt-4o-mini", "choices": [{"index": 1, "delta": {"content": text[:500]}}]},
+        done=True)
+    if whole:
+        sizes = [len(body)]
+    plain, deferring = make(), make()
+    deferring.defer_chars = defer
+    pos, i, seen_deferred = 0, 0, False
+    while pos < len(body):
+        chunk = body[pos:pos + sizes[i % len(sizes)]]
+        pos, i = pos + len(chunk), i + 1
+        plain.feed(chunk)
+        deferring.feed(chunk)
+        if deferring.deferred:
+            seen_deferred = True
+            if deferred_in_thread:
+                t = threading.Thread(target=deferring.count_deferred)
+                t.start()
+                t.join()
+            else:
+                deferring.count_deferred()
+        assert not deferring.deferred
+        assert deferring.take_live() == plain.take_live()
+    plain.end_of_body()
+    deferring.end_of_body()
+    assert deferring.take_live() == plain.take_live()
+    assert deferring.settle() == plain.settle()
+    assert seen_deferred or not whole  # one read of it all holds 6,000+ characters of text
+
+
+def test_end_of_body_counts_what_is_still_deferred() -> None:
+    text = "a long tool argument, counted after the read " * 50
+    m = make()
+    m.defer_chars = 100
+    m.feed(chat_chunks(text, len(text)))
+    assert m.deferred and m.take_live() == 0
+    m.end_of_body()
+    assert not m.deferred
+    assert m.settle().output_tokens == _TOK.for_model("gpt-4o-mini").count(text)
+
+
+def test_texts_after_a_deferred_one_wait_behind_it() -> None:
+    """Until count_deferred() runs, later texts queue behind a deferred one (a counter must see
+    its text in order), even small ones."""
+    first = "a long tool argument, counted after the read " * 50
+    second = "and then a shorter one that would be counted at once. " * 9
+    plain, deferring = make(), make()
+    deferring.defer_chars = 100
+    for m in (plain, deferring):
+        m.feed(chat_chunks(first, len(first)).removesuffix(b"data: [DONE]\n\n"))
+    plain_live = plain.take_live()
+    assert deferring.take_live() == 0
+    event = sse({"model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {
+        "content": second}}]}, done=False)
+    plain.feed(event)
+    deferring.feed(event)
+    assert deferring.deferred and deferring.take_live() == 0
+    deferring.count_deferred()
+    assert deferring.take_live() == plain_live + plain.take_live() > 0
+    plain.end_of_body()
+    deferring.end_of_body()
+    assert deferring.settle() == plain.settle()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import threading
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
+from sidecar.meter import Meter
 from sidecar.tokens import Tokenizers
 
 from .conftest import Script, Stack, StackFactory, chat_chunks, split_at, sse
@@ -321,10 +323,22 @@ def test_disconnect_policy_follows_the_placement() -> None:
     assert by_prefix["/openai"].provider_known and not by_prefix["/gw"].provider_known
 
 
-async def test_huge_chunk_is_metered_off_loop_and_passed_through(stack: Stack) -> None:
+async def test_huge_chunk_is_counted_off_loop_and_passed_through(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop reads a large read; tiktoken counts its large text in a worker thread."""
+    counted_on: list[int] = []
+    original = Meter.count_deferred
+
+    def spy(self: Meter) -> None:
+        if self.deferred:
+            counted_on.append(threading.get_ident())
+        original(self)
+
+    monkeypatch.setattr(Meter, "count_deferred", spy)
     text = "lorem ipsum dolor sit amet " * 8000  # one 200+ KB frame
     body = chat_chunks(text, len(text))
     sid = stack.upstream.add(Script(chunks=[body]))
     status, _, got = await post(stack, sid, chat_body())
     assert status == 200 and got == body
     assert stack.records[-1]["output_tokens"] == _TOK.for_model("gpt-4o-mini").count(text)
+    assert counted_on and threading.get_ident() not in counted_on
