@@ -452,6 +452,8 @@ class Meter:
     def count_deferred(self) -> None:
         """Count what _count set aside (may run in a worker thread while nothing else uses this
         meter). Never raises."""
+        if not self._deferred:
+            return
         items, self._deferred = self._deferred, []
         try:
             for counter, text in items:

@@ -121,7 +121,7 @@ class Proxy:
         self.ledger = ledger
         self.record = record_sink
         self.calibration = calibration or Calibration()
-        self._seen: dict[str, int] = {}  # plain answers per model label (for _learn)
+        self._seen: dict[tuple[Any, ...], int] = {}  # requests per kind (for _learn)
         self._learned_cache: dict[tuple[Any, ...], _Learned] = {}
         self.clock = clock
         self.wall = wall
@@ -521,17 +521,20 @@ class Proxy:
     def _learn(self, meter: Meter, model: str) -> None:
         """Feed the calibration with what this request showed (visible text only).
 
-        Plain answers (no tool calls, tools, thinking or hidden reasoning) of a model seen
-        LEARN_ALL times are learned from one in LEARN_EVERY: the running means have settled, and
-        learning costs more than the rest of a small non-streamed request's accounting."""
-        if not (meter.calls or meter.prompt_tools or meter.prompt_thinking
-                or meter.reported.reasoning):
-            seen = self._seen.get(model, 0) + 1
-            if len(self._seen) > 10_000:
-                self._seen.clear()
-            self._seen[model] = seen
-            if seen > LEARN_ALL and seen % LEARN_EVERY:
-                return
+        Requests of one kind (model, and whether they had tool calls, tools, thinking, hidden
+        reasoning, at which effort) are learned from every time for the first LEARN_ALL, then
+        one in LEARN_EVERY: the running means have settled, and learning (the media check walks
+        the whole conversation) costs more than the rest of a request's accounting; an agent
+        sends the same kind of request all day."""
+        kind = (model, bool(meter.calls), bool(meter.prompt_tools), meter.prompt_thinking,
+                bool(meter.reported.reasoning), structure.effort_of(meter.info.body)
+                if meter.reported.reasoning or meter.prompt_thinking else None)
+        seen = self._seen.get(kind, 0) + 1
+        if len(self._seen) > 10_000:
+            self._seen.clear()
+        self._seen[kind] = seen
+        if seen > LEARN_ALL and seen % LEARN_EVERY:
+            return
         obs = meter.observation(model)
         if obs is not None:
             structure.learn(self.calibration, obs)

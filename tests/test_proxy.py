@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
@@ -342,3 +343,42 @@ async def test_huge_chunk_is_counted_off_loop_and_passed_through(
     assert status == 200 and got == body
     assert stack.records[-1]["output_tokens"] == _TOK.for_model("gpt-4o-mini").count(text)
     assert counted_on and threading.get_ident() not in counted_on
+
+
+def test_learning_samples_each_kind_of_request_after_its_first(
+        monkeypatch: pytest.MonkeyPatch, tokenizers: Tokenizers) -> None:
+    """Every request of a kind teaches the calibration until LEARN_ALL of that kind were seen,
+    then one in LEARN_EVERY; a kind first seen late (tools, after plain answers) still gets its
+    first LEARN_ALL."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from sidecar import proxy as proxy_module
+    from sidecar import structure
+    from sidecar.app import make_app
+    from sidecar.config import Settings
+
+    learned: list[int] = []
+    monkeypatch.setattr(structure, "learn_input", lambda cal, obs: learned.append(obs) or True)
+    handler = make_app(Settings(upstream="http://127.0.0.1:9", state="memory://"),
+                       registry=CollectorRegistry(), tokenizers=tokenizers,
+                       record_sink=None).handler
+
+    def meter(tools: int) -> Any:
+        return SimpleNamespace(
+            calls=0, prompt_tools=tools, prompt_thinking=False,
+            reported=SimpleNamespace(reasoning=None), info=SimpleNamespace(body={}),
+            observation=lambda model: None, input_observation=lambda model: tools + 1)
+
+    n = proxy_module.LEARN_ALL + 3 * proxy_module.LEARN_EVERY
+    for _ in range(n):
+        handler._learn(meter(0), "gpt-4o")
+    assert len(learned) == proxy_module.LEARN_ALL + 3
+    learned.clear()
+    for _ in range(proxy_module.LEARN_ALL):
+        handler._learn(meter(5), "gpt-4o")
+    assert learned == [6] * proxy_module.LEARN_ALL
+    for _ in range(2 * proxy_module.LEARN_EVERY):  # an agent's requests, all day
+        handler._learn(meter(5), "gpt-4o")
+    assert len(learned) == proxy_module.LEARN_ALL + 2
