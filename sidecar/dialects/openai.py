@@ -240,12 +240,14 @@ def estimate_chat_prompt(messages: list[Any], model: str | None, tok: Tokenizer)
         per_message, primer = template
         per_name = 0
     n = 0
+    count = tok.count
     for message in messages:
         if not isinstance(message, dict):
             continue
         n += per_message
         for key, value in message.items():
-            n += _text_of(value, tok, model)
+            # Most fields are strings (role, content): counted here, the rest by _text_of.
+            n += count(value) if type(value) is str else _text_of(value, tok, model)
             if key == "name":
                 n += per_name
     return n + primer
