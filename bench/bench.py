@@ -687,6 +687,41 @@ async def scenario_workers(targets: list[Target], upstream: str) -> Table:
              "scaling vs one process"], rows)
 
 
+async def scenario_mixed(targets: list[Target], rounds: int = 2) -> Table:
+    """Paced streams beside heavy unpaced ones on the same proxy: what the heavy streams' reads
+    do to everyone else's chunk gaps (a read metered on the loop holds every stream up)."""
+    paced = Shape(chunks=64, pace_ms=20, tokens=3)
+    rows = []
+    for label, heavy in (("4 KB tool-call deltas", Shape(tool_bytes=4096, chunks=200)),
+                         ("8 events per write", Shape(chunks=1000, per_write=8, tokens=3))):
+        for t in targets:
+            gaps: list[float] = []
+            heavy_events = 0
+            for _ in range(rounds):
+                stop = asyncio.Event()
+
+                async def hammer(s: aiohttp.ClientSession, t: Target = t, heavy: Shape = heavy,
+                                 stop: asyncio.Event = stop) -> None:
+                    nonlocal heavy_events
+                    while not stop.is_set():
+                        heavy_events += (await one_stream(s, t.url, heavy)).events
+
+                async with client() as s:
+                    hammers = [asyncio.ensure_future(hammer(s)) for _ in range(2)]
+                    results = await asyncio.gather(*(one_stream(s, t.url, paced)
+                                                     for _ in range(50)))
+                    stop.set()
+                    await asyncio.gather(*hammers)
+                gaps += [g for r in results for g in r.gaps]
+            rows.append([label, t.name, f"{pct(gaps, 0.5) * 1000:.1f}",
+                         f"{pct(gaps, 0.99) * 1000:.1f}", f"{max(gaps) * 1000:.1f}",
+                         f"{heavy_events / rounds:,.0f}"])
+    return ("2b. Paced streams beside heavy ones (50 paced streams, 20 ms gaps, 64 chunks; two "
+            "heavy unpaced streams at a time; per round)",
+            ["heavy streams", "target", "paced gap p50 ms", "p99 ms", "max ms",
+             "heavy events per round"], rows)
+
+
 async def scenario_memory(targets: list[Target], levels: list[int]) -> Table:
     rows = []
     shape = Shape(chunks=3, pace_ms=4000, tokens=3)  # streams that stay open ~12 s
@@ -942,6 +977,7 @@ async def run(args: argparse.Namespace) -> list[Table]:
         ("ttft", lambda: scenario_ttft(targets)),
         ("hop", lambda: scenario_hop(targets)),
         ("paced", lambda: scenario_paced(targets, args.paced)),
+        ("mixed", lambda: scenario_mixed([t for t in targets if t.name != "direct"])),
         ("throughput", lambda: scenario_throughput(targets)),
         ("layers", None),  # type: ignore[list-item]
         ("odd", lambda: scenario_odd(targets, upstream)),
@@ -974,7 +1010,8 @@ async def run(args: argparse.Namespace) -> list[Table]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--only", action="append", choices=["ttft", "hop", "paced", "throughput",
+    p.add_argument("--only", action="append", choices=["ttft", "hop", "paced", "mixed",
+                                                       "throughput",
                                                        "layers", "workers", "ws",
                                                        "odd", "memory", "soak", "nonstream"])
     p.add_argument("--paced", type=int, nargs="+", default=[64, 128, 256, 500, 750, 1000])
