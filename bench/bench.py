@@ -525,10 +525,11 @@ async def scenario_throughput(targets: list[Target]) -> Table:
             rows.append([str(tokens), t.name, f"{run.rate:,.0f}",
                          "-" if t.proc is None else f"{run.cpu:.2f}",
                          "-" if not bare or t.name in ("direct", "bare aiohttp")
-                         else f"{run.rate / bare:.2f}x", run.lane_text()])
+                         else f"{run.rate / bare:.2f}x", run.lane_text(),
+                         "-" if t.metrics is None else f"{run.by_length:,.0f}"])
     return ("3. Unpaced throughput (20 concurrent streams x 1000 events, median of 3)",
             ["tokens/event", "target", "events/s", "proxy CPU ms / 1000 events",
-             "vs bare", "fast lane"], rows)
+             "vs bare", "fast lane", "chars/event estimated by length"], rows)
 
 
 def scenario_layers() -> Table:
