@@ -4,7 +4,9 @@ realtime session meter, and the fast lane's native core against its Python readi
 Any bytes in: the decoders may only return frames or FrameError, dialects may only report
 through the sink, request bodies are estimated and learned from without raising, and the meters
 must never raise (the realtime meter reads the input's lines as
-WebSocket messages, alternately from the client and the server). The native core (where built)
+WebSocket messages, alternately from the client and the server). Counting a read's texts after
+the read (Meter.count_deferred, as the proxy does for large texts) must give what counting them
+in feed() gives, live and settled. The native core (where built)
 reads the input, and its NUL-separated parts as a run of one template's events (with and
 without volatile pairs and padding): what it takes, the Python lane must take with the same
 text. Run by hand for long sessions:
@@ -31,11 +33,15 @@ with atheris.instrument_imports():
         NDJSONDecoder,
         SSEDecoder,
     )
+    from sidecar import meter as meter_module
     from sidecar.meter import Meter
     from sidecar.realtime import GEMINI, OPENAI, RealtimeMeter
     from sidecar.tokens import Tokenizers
 
 _TOK = Tokenizers()
+# Texts this short count as large here (deferrable, budgeted), so that inputs of a few hundred
+# bytes reach the deferred path; no meter in this target has a budget.
+meter_module.LARGE_TEXT = 16
 _TOKENIZERS = [_TOK.for_model("gpt-4o"), _TOK.for_model("ernie-4.0")]
 _NAMES = sorted(DIALECTS)
 _DECODERS = (SSEDecoder, NDJSONDecoder, JSONArrayDecoder, EventStreamDecoder)
@@ -95,6 +101,24 @@ def test_one_input(data: bytes) -> None:
         meter.take_live()
     meter.end_of_body()
     s = meter.settle()
+    # The proxy's way with large reads: texts of 1,000+ characters counted after the read
+    # (count_deferred); live totals and settlement equal to counting them in feed().
+    big = split * 64
+    pair = [Meter(dialect, info, tokenizer, lambda: 0.0, max_frame_size=4096) for _ in range(2)]
+    pair[1].defer_chars = 1
+    for m in pair:
+        m.start_response(_CONTENT_TYPES[choice], "gzip" if gzip_it else None)
+    for i in range(0, len(payload), big):
+        for m in pair:
+            m.feed(payload[i:i + big])
+        pair[1].count_deferred()
+        if pair[0].take_live() != pair[1].take_live():
+            raise AssertionError("deferred counting moved the live count")
+    for m in pair:
+        m.end_of_body()
+    if pair[0].settle() != pair[1].settle():
+        raise AssertionError(f"deferred counting settled {pair[1].settle()}, "
+                             f"in feed {pair[0].settle()}")
     counts = (s.input_tokens, s.output_tokens, s.estimated_input_tokens,
               s.estimated_output_tokens, s.cached_input_tokens or 0, s.reasoning_tokens or 0)
     if min(counts) < 0:

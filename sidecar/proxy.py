@@ -49,10 +49,11 @@ HOP_BY_HOP = frozenset(
 )
 # Request bodies and response reads above this are metered in a worker thread, so that one
 # huge body cannot stall every other stream. Below it, the loop reads a response and a worker
-# counts only its large texts (DEFER_CHARS): a worker runs tiktoken ~1.45x slower (its fast
-# path belongs to the first thread that encodes: Tokenizers.warm) and trades the GIL with the
-# loop for every line of Python it runs, so metering whole 64-640 KB reads there cost up to
-# twice the CPU; tiktoken alone releases the GIL, and leaves the loop free meanwhile.
+# counts only its large texts (DEFER_CHARS): a worker runs tiktoken ~1.45x slower (an
+# Encoding is fastest on the first thread that encodes with it: Tokenizers.warm) and trades
+# the GIL with the loop for every line of Python it runs, so metering whole 64-640 KB reads
+# there cost up to twice the CPU; tiktoken alone releases the GIL, and leaves the loop free
+# meanwhile.
 OFFLOAD_BYTES = 1024 * 1024
 # A slot's text in one read at least this long is counted in a worker (Meter.count_deferred):
 # 3-5 ms of tiktoken or more. Measured, pinned: at 32K characters the hand-over and the worker's
