@@ -416,7 +416,7 @@ class InputObservation:
 _MEDIA_TYPES = frozenset({"image_url", "input_image", "image", "file", "input_file",
                           "input_audio", "audio", "document", "video", "video_url"})
 _MEDIA_KEYS = ("image_url", "input_audio", "fileData", "file_data", "inlineData", "inline_data",
-               "image", "document", "video")
+               "image", "images", "document", "video")  # images: Ollama's base64 list
 
 
 _MEDIA_KEY_SET = frozenset(_MEDIA_KEYS)

@@ -600,6 +600,10 @@ def test_models_of_no_known_family_learn_only_for_themselves() -> None:
      True),
     ({"system": [{"type": "text", "text": "s"}], "messages": [{"role": "user", "content": [
         {"type": "document", "source": {"type": "base64"}}]}]}, True),
+    # Ollama: images beside a chat message's content, or beside /api/generate's prompt.
+    ({"model": "llava", "messages": [{"role": "user", "content": "what is this?",
+                                      "images": ["iVBORw0KGgo="]}]}, True),
+    ({"model": "llava", "prompt": "what is this?", "images": ["iVBORw0KGgo="]}, True),
 ])
 def test_requests_with_media_do_not_teach_prompt_overheads(body: object, media: bool) -> None:
     from sidecar.structure import has_media
