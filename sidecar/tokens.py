@@ -483,10 +483,7 @@ class Tokenizer:
         key = (len(text), hash(text))
         n = self._counted.get(key)
         if n is None:
-            n = round(self.weigh(text))
-            if len(self._counted) >= _COUNT_MEMO_MAX:
-                self._counted.clear()
-            self._counted[key] = n
+            n = self._remember(key, round(self.weigh(text)))
         return n
 
     def count_rendered(self, source: bytes, render: Callable[[], str]) -> int:
@@ -496,10 +493,13 @@ class Tokenizer:
         key = (len(source), hash(source), 1)
         n = self._counted.get(key)
         if n is None:
-            n = self.count(render())
-            if len(self._counted) >= _COUNT_MEMO_MAX:
-                self._counted.clear()
-            self._counted[key] = n
+            n = self._remember(key, self.count(render()))
+        return n
+
+    def _remember(self, key: tuple[int, ...], n: int) -> int:
+        if len(self._counted) >= _COUNT_MEMO_MAX:
+            self._counted.clear()
+        self._counted[key] = n
         return n
 
 
