@@ -182,7 +182,7 @@ class Meter:
         self._pending: dict[tuple[Any, ...], list[str]] = {}
         # Exact counts of texts this long wait for count_deferred() (None: counted in feed()).
         self.defer_chars: int | None = None
-        self._deferred: list[tuple[TextCounter, str]] = []
+        self._deferred: list[tuple[TextCounter, str, bool]] = []
         self._body_size = 0
         self._undecodable = False
 
@@ -416,13 +416,14 @@ class Meter:
                 self._count(counters[slot], parts[0] if len(parts) == 1 else "".join(parts))
             self._pending.clear()
 
-    def _count(self, counter: TextCounter, text: str) -> None:
+    def _count(self, counter: TextCounter, text: str, defer: bool = True) -> None:
         """One slot's text of one read into its counter: exactly, or by its length once the
         shared tokenizing budget is spent (large texts only). An exact count of a text of
         ``defer_chars`` or more is set aside for count_deferred() (the proxy runs it in a worker:
-        tiktoken releases the GIL), and so is everything after it until then, in order."""
-        if self._deferred:
-            self._deferred.append((counter, text))
+        tiktoken releases the GIL), and so is everything after it until then, in order (those
+        are decided when they are counted, as they would have been here)."""
+        if defer and self._deferred:
+            self._deferred.append((counter, text, False))
             return
         budget = self._budget
         if len(text) < LARGE_TEXT:
@@ -430,8 +431,8 @@ class Meter:
         elif budget is not None and not budget.allow():
             self._committed += counter.estimate(text)
             self.estimated_chars += len(text)
-        elif self.defer_chars is not None and len(text) >= self.defer_chars:
-            self._deferred.append((counter, text))
+        elif defer and self.defer_chars is not None and len(text) >= self.defer_chars:
+            self._deferred.append((counter, text, True))
         else:
             self._count_exact(counter, text)
 
@@ -456,8 +457,11 @@ class Meter:
             return
         items, self._deferred = self._deferred, []
         try:
-            for counter, text in items:
-                self._count_exact(counter, text)
+            for counter, text, allowed in items:  # allowed: the budget already said yes
+                if allowed:
+                    self._count_exact(counter, text)
+                else:
+                    self._count(counter, text, defer=False)
         except Exception as exc:  # accounting must never break the stream
             self.malformed(f"meter error: {type(exc).__name__}")
 

@@ -224,3 +224,27 @@ def test_texts_after_a_deferred_one_wait_behind_it() -> None:
     plain.end_of_body()
     deferring.end_of_body()
     assert deferring.settle() == plain.settle()
+
+
+def test_a_text_queued_behind_a_deferred_one_still_asks_the_budget() -> None:
+    """Two slots' large texts in one read, the first deferred: once the first has spent the
+    budget, the second is counted by length, as it would have been without deferring."""
+    from sidecar.tokens import CountBudget
+
+    text = "tool arguments with many words in them, counted exactly while allowed " * 3000
+    body = sse({"model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": text}},
+                                                    {"index": 1, "delta": {"content": text}}]})
+    results = []
+    for defer in (None, 1024):
+        budget = CountBudget(0.001, clock=lambda: 0.0)  # a stopped clock: no refill
+        budget.spend(budget.capacity - 1e-6)  # enough left to allow one count, not two
+        m = Meter(OpenAIDialect(), RequestInfo(model="gpt-4o-mini", stream=True),
+                  _TOK.for_model("gpt-4o-mini"), lambda: 0.0, budget=budget)
+        m.defer_chars = defer
+        m.start_response("text/event-stream", None)
+        m.feed(body)
+        m.count_deferred()
+        m.end_of_body()
+        results.append((m.estimated_chars, m.settle()))
+    assert results[0][0] == len(text)  # the first spent the budget, the second estimated
+    assert results[1] == results[0]
