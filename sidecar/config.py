@@ -83,6 +83,7 @@ class Settings:
     max_frame_size: int = 8 * 1024 * 1024
     max_ws_message: int = 16 * 1024 * 1024
     tokenizer_cpu: float = 0.25
+    estimate_all: bool = False
     escaped_slashes: str = "reject"
     client_disconnect: str = "auto"
     drain_timeout: float = 120.0
@@ -294,6 +295,11 @@ OPTIONS: tuple[Option, ...] = (
            "CPU (in cores) exact tokenizing of large texts (1K+ characters in one read) may use; "
            "beyond it they are estimated from their length, so counting never falls behind "
            "(0: always exact; default 0.25)"),
+    Option("estimate_all", "limits.estimate_all", "SIDECAR_ESTIMATE_ALL", lambda v: _bool(v),
+           "estimate every non-streamed answer even when the provider reports its usage "
+           "(default: the first 64 per model, then one in 32, feed the estimate ratio and what "
+           "the sidecar learns; the rest settle from the report alone, at a fraction of the CPU)",
+           switch=True),
     Option("escaped_slashes", "paths.escaped_slashes", "SIDECAR_ESCAPED_SLASHES",
            _choice("reject", "keep"),
            "a request path with an encoded slash or backslash (%2F, %5C) or a backslash: "

@@ -442,6 +442,18 @@ Decoder = SSEDecoder | NDJSONDecoder | JSONArrayDecoder | EventStreamDecoder
 
 _NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl",
                  "application/jsonlines", "application/x-jsonlines")
+_STREAM_TYPES = frozenset(("text/event-stream", "application/vnd.amazon.eventstream",
+                           *_NDJSON_TYPES))
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def streamed(content_type: str | None, *, json_stream: bool = False) -> bool:
+    """Whether decoder_for gives this content type a decoder: the body is a stream of frames."""
+    ct = _media_type(content_type)
+    return ct in _STREAM_TYPES or (json_stream and ct in ("application/json", "text/plain", ""))
 
 
 def decoder_for(content_type: str | None, max_frame_size: int = MAX_FRAME_SIZE, *,
@@ -450,7 +462,7 @@ def decoder_for(content_type: str | None, max_frame_size: int = MAX_FRAME_SIZE, 
 
     ``json_stream``: the dialect knows this JSON response is a streamed array of chunks.
     """
-    ct = (content_type or "").split(";", 1)[0].strip().lower()
+    ct = _media_type(content_type)
     if ct == "text/event-stream":
         return SSEDecoder(max_frame_size)
     if ct in _NDJSON_TYPES:

@@ -105,6 +105,11 @@ class _Inflater:
         return self._obj.decompress(data)
 
 
+def inflate(encoding: str, data: bytes) -> bytes:
+    """A whole gzip/deflate body, decoded as the meter decodes one read by read."""
+    return _Inflater(encoding).feed(data)
+
+
 class Meter:
     """Accounting state for one request and its response."""
 
@@ -592,31 +597,121 @@ class Meter:
             reasoning, reasoning_source = self.estimated_reasoning, SOURCE_ESTIMATED
         else:
             reasoning, reasoning_source = None, None
-        prompt = self.prompt_estimate if billable else 0
-        return Settlement(
-            input_tokens=r.input if r.input is not None else prompt,
-            output_tokens=r.output if r.output is not None else est_out,
-            cached_input_tokens=r.cached_input,
-            cache_write_input_tokens=r.cache_write_input,
-            reasoning_tokens=reasoning,
-            input_source=SOURCE_REPORTED if r.input is not None else SOURCE_ESTIMATED,
-            output_source=SOURCE_REPORTED if r.output is not None else SOURCE_ESTIMATED,
-            reasoning_source=reasoning_source,
-            estimated_input_tokens=self.prompt_estimate,
-            estimated_output_tokens=est_out,
-            model=self.model_name,
-            finish_reason=self.finish,
-            error=self.error_message,
-            frame_errors=self.frame_errors,
-            first_token_at=self.first_token_at,
-            cache_write_1h_input_tokens=r.cache_write_1h_input,
-            input_audio_tokens=r.input_audio,
-            cached_audio_input_tokens=r.cached_audio_input,
-            output_audio_tokens=r.output_audio,
-            billed_input_tokens=r.billed_input,
-            billed_output_tokens=r.billed_output,
-            server_tools=r.server_tools,
-            service_tier=r.service_tier,
-            reported_cost_usd=r.cost_usd,
-        )
+        return settlement(r, self.prompt_estimate if billable else 0, est_out, reasoning,
+                          reasoning_source, self.prompt_estimate, self.model_name, self.finish,
+                          self.error_message, self.frame_errors, self.first_token_at)
 
+
+def settlement(r: Usage, prompt: int, output: int, reasoning: int | None,
+               reasoning_source: str | None, estimated_input: int, model: str | None,
+               finish: str | None, error: str | None, frame_errors: int,
+               first_token_at: float | None) -> Settlement:
+    """Reported usage wins, field by field; ``prompt`` and ``output`` stand where it is silent."""
+    return Settlement(
+        input_tokens=r.input if r.input is not None else prompt,
+        output_tokens=r.output if r.output is not None else output,
+        cached_input_tokens=r.cached_input,
+        cache_write_input_tokens=r.cache_write_input,
+        reasoning_tokens=reasoning,
+        input_source=SOURCE_REPORTED if r.input is not None else SOURCE_ESTIMATED,
+        output_source=SOURCE_REPORTED if r.output is not None else SOURCE_ESTIMATED,
+        reasoning_source=reasoning_source,
+        estimated_input_tokens=estimated_input,
+        estimated_output_tokens=output,
+        model=model,
+        finish_reason=finish,
+        error=error,
+        frame_errors=frame_errors,
+        first_token_at=first_token_at,
+        cache_write_1h_input_tokens=r.cache_write_1h_input,
+        input_audio_tokens=r.input_audio,
+        cached_audio_input_tokens=r.cached_audio_input,
+        output_audio_tokens=r.output_audio,
+        billed_input_tokens=r.billed_input,
+        billed_output_tokens=r.billed_output,
+        server_tools=r.server_tools,
+        service_tier=r.service_tier,
+        reported_cost_usd=r.cost_usd,
+    )
+
+
+class Report:
+    """The whole-answer lane's reader (sans-IO): what a non-streamed answer says about itself.
+
+    The same dialect code that feeds a Meter (``parse_body``) feeds this Sink, which keeps the
+    usage, model, finish reason and error, and only notes that text was there instead of
+    counting it. ``settle`` gives the Settlement a Meter would give when the provider reported
+    every count the settlement needs, without estimating anything; None when something must be
+    estimated (the proxy then meters the body the general way).
+    """
+
+    __slots__ = (
+        "error_message",
+        "finish",
+        "frame_errors",
+        "model_name",
+        "reasoning",
+        "reported",
+        "texts",
+    )
+
+    def __init__(self, model: str | None) -> None:
+        self.reported = Usage()
+        self.model_name = model
+        self.finish: str | None = None
+        self.error_message: str | None = None
+        self.frame_errors = 0
+        self.texts = 0
+        self.reasoning = False
+
+    def read(self, dialect: Dialect, body: bytes) -> None:
+        """Parse a whole (decoded) body, as Meter.end_of_body does."""
+        if body.strip():
+            try:
+                obj = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                self.malformed("response body is not JSON")
+            else:
+                dialect.parse_body(obj, self)
+
+    def settle(self, embeddings: bool, hidden_expected: float) -> Settlement | None:
+        """The settlement when nothing needs estimating, else None. ``hidden_expected``: the
+        hidden reasoning the deployment learned for this model (a Meter would estimate it
+        when reasoning goes unreported)."""
+        r = self.reported
+        if self.frame_errors or self.error_message is not None or r.input is None:
+            return None
+        if r.output is None and not (embeddings and not self.texts):
+            return None
+        if r.reasoning is not None:
+            reasoning, reasoning_source = r.reasoning, SOURCE_REPORTED
+        elif self.reasoning or (hidden_expected and self.texts):
+            return None  # the reasoning would be estimated
+        else:
+            reasoning, reasoning_source = None, None
+        if r.output is None:
+            r.output = 0  # embeddings: nothing is generated (Meter.settle says the same)
+        return settlement(r, 0, 0, reasoning, reasoning_source, 0, self.model_name,
+                          self.finish, None, 0, None)
+
+    # -- Sink ---------------------------------------------------------------------------------
+
+    def text(self, slot: tuple[Any, ...], kind: str, text: str) -> None:
+        self.texts += 1
+        if kind == REASONING:
+            self.reasoning = True
+
+    def usage(self, usage: Usage) -> None:
+        self.reported.merge(usage)
+
+    def model(self, name: str) -> None:
+        self.model_name = name
+
+    def finish_reason(self, reason: str) -> None:
+        self.finish = reason
+
+    def error(self, message: str) -> None:
+        self.error_message = message[:500]
+
+    def malformed(self, reason: str) -> None:
+        self.frame_errors += 1

@@ -168,7 +168,8 @@ class Metrics:
             ["provider", "model", "token_type", "source", "key", "team"], registry=registry)
         self.live_tokens = Counter(
             "llm_live_tokens",
-            "Live token estimates: input when the request is sent, output chunk by chunk",
+            "Live token estimates: input when the request is sent, output chunk by chunk "
+            "(a whole answer settled from its report: the reported counts when it arrives)",
             ["provider", "model", "token_type", "key", "team"], registry=registry)
         self.requests = Counter(
             "llm_requests", "Requests by outcome",

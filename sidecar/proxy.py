@@ -25,10 +25,12 @@ from .attribution import Attributor, bearer_key, redact
 from .calibration import Calibration
 from .config import Settings
 from .dialects import AUTO, detect, get_dialect, provider_host
+from .dialects.base import RequestInfo
 from .errors import error_body as api_error_body
 from .errors import stream_error_event
+from .frames import streamed as streamed_type
 from .ledger import Charge, Ledger, exhausted
-from .meter import Meter, Settlement
+from .meter import Meter, Report, Settlement, inflate
 from .metrics import Metrics
 from .paths import PathError, canonicalize
 from .pricing import UNPRICED, Entry, PriceBook, Priced, live_rates, price_settlement
@@ -60,6 +62,10 @@ OFFLOAD_BYTES = 1024 * 1024
 # slower tiktoken cost 20-token-event streams 20% more CPU; at 256K, paced streams beside
 # tool-call streams waited 39-44 ms (p99) instead of 28-31.
 DEFER_CHARS = 128 * 1024
+# Request bodies up to this size are read before they are sent (parsing one costs a few
+# microseconds per KB): one that asks for a whole answer then goes straight to the
+# whole-answer lane. Larger ones are sent first and read while the upstream works.
+LANE_READ_FIRST = 64 * 1024
 
 OUTCOME_COMPLETED = "completed"
 OUTCOME_CLIENT_DISCONNECTED = "client_disconnected"
@@ -125,6 +131,7 @@ class Proxy:
         self.record = record_sink
         self.calibration = calibration or Calibration()
         self._seen: dict[tuple[Any, ...], int] = {}  # requests per kind (for _learn)
+        self._estimated: dict[tuple[Any, ...], int] = {}  # whole answers per kind (the sample)
         self._learned_cache: dict[tuple[Any, ...], _Learned] = {}
         self.clock = clock
         self.wall = wall
@@ -193,13 +200,15 @@ class Proxy:
             # The request may be refused or rewritten: know it before anything is sent.
             ex = self._exchange(request, target, path, body, t0)
             prompt = 0
-            if ex.charge.blocking and ex.meter.info.body is not None:
+            meter = ex.meter
+            assert meter is not None
+            if ex.charge.blocking and ex.info.body is not None:
                 # Admission weighs the prompt: estimate it now (in a thread when large).
                 if len(body) > OFFLOAD_BYTES:
                     prompt = await asyncio.get_running_loop().run_in_executor(
-                        None, ex.meter.estimate_prompt)
+                        None, meter.estimate_prompt)
                 else:
-                    prompt = ex.meter.estimate_prompt()
+                    prompt = meter.estimate_prompt()
             rate = ex.charge.in_rate
             blocked = exhausted(self.ledger, ex.charge.blocking, self.wall(), prompt,
                                 None if rate is None else prompt * rate)
@@ -209,8 +218,10 @@ class Proxy:
         return await self._forward(request, target, path, upstream_path, body, None, t0)
 
     def _exchange(self, request: web.Request, target: Target, path: str, body: bytes,
-                  t0: float) -> _Exchange:
-        """Everything known before forwarding: dialect, attribution, meter, budgets."""
+                  t0: float, *, lane: bool = False) -> _Exchange:
+        """Everything known before forwarding: dialect, attribution, meter, budgets. With
+        ``lane``, a request for a whole answer gets no meter (the whole-answer lane) unless it
+        is one of the sample that is estimated."""
         m = self.metrics
         headers = request.headers
         dialect_name = detect(path, headers) if target.dialect == AUTO else target.dialect
@@ -218,16 +229,7 @@ class Proxy:
         provider = target.provider_label(dialect_name)
         ident = self.policy.attributor.identify(headers, request.query_string)
         info = dialect.parse_request(path, request.query_string, body)
-        tokenizer = self.tokenizers.for_model(info.model)
         model = m.model_label(info.model)
-        learned = self._learned(model, dialect.name, info.body)
-        meter = Meter(dialect, info, tokenizer, self.clock,
-                      max_frame_size=self.settings.max_frame_size, budget=self.count_budget,
-                      output_overheads=learned.output, prompt_overheads=learned.input)
-        meter.hidden_expected = learned.hidden
-        meter.defer_chars = DEFER_CHARS
-        if not tokenizer.exact:
-            meter.output_scale, meter.input_scale = learned.output_scale, learned.input_scale
         book = self.policy.prices
         entry = book.resolve(provider, info.model, strict=target.provider_known)
         if self.ledger.budgets:
@@ -239,14 +241,32 @@ class Proxy:
         else:
             charge = Charge(())
         recorded = self.record is not None  # the key and an id serve the record alone
-        return _Exchange(
+        ex = _Exchange(
             secret=bearer_key(headers, request.query_string) if recorded else None,
             request_id=(headers.get("X-Request-Id") or os.urandom(16).hex()) if recorded else "",
             method=request.method, path=path, stream_requested=info.stream, t0=t0,
             key=m.cap_key(ident.key), team=m.cap_team(ident.team), provider=provider,
-            model=model, dialect=dialect_name, meter=meter, charge=charge, body=body,
-            entry=entry, book=book, strict_provider=target.provider_known,
+            model=model, dialect=dialect_name, info=info, meter=None, charge=charge, body=body,
+            learned=self._learned(model, dialect.name, info.body), entry=entry, book=book,
+            strict_provider=target.provider_known,
             disconnect=target.disconnect_policy(dialect_name))
+        if not (lane and not self.settings.estimate_all and not info.stream
+                and not info.json_stream and not _sample(self._estimated, (dialect_name, model))):
+            ex.meter = self._meter(ex)
+        return ex
+
+    def _meter(self, ex: _Exchange) -> Meter:
+        info = ex.info
+        tokenizer = self.tokenizers.for_model(info.model)
+        learned = ex.learned
+        meter = Meter(get_dialect(ex.dialect), info, tokenizer, self.clock,
+                      max_frame_size=self.settings.max_frame_size, budget=self.count_budget,
+                      output_overheads=learned.output, prompt_overheads=learned.input)
+        meter.hidden_expected = learned.hidden
+        meter.defer_chars = DEFER_CHARS
+        if not tokenizer.exact:
+            meter.output_scale, meter.input_scale = learned.output_scale, learned.input_scale
+        return meter
 
     def _learned(self, model: str, api: str, body: Any) -> _Learned:
         """What the calibration says for this kind of request, per (model, API, effort,
@@ -286,10 +306,14 @@ class Proxy:
                        t0: float = 0.0) -> web.StreamResponse:
         """Send the request upstream, then (when not known yet) work out its accounting while
         the upstream answers: nothing the meter does sits between the client and the upstream
-        unless the request may be refused or rewritten."""
+        unless the request may be refused or rewritten.
+
+        A small request that asks for a whole answer is read first (a few microseconds): on
+        the whole-answer lane nothing is done while the upstream works, so the request is
+        simply awaited."""
         usage_filter: UsageChunkFilter | None = None
         if ex is not None and target.include_usage and ex.dialect == "openai":
-            injected = inject(ex.meter.info.body)
+            injected = inject(ex.info.body)
             if injected is not None:
                 body = injected
                 usage_filter = UsageChunkFilter()
@@ -299,32 +323,39 @@ class Proxy:
         if usage_filter is not None:
             # The meter must be able to read what it filters: ask for an uncompressed stream.
             headers.popall("Accept-Encoding", None)
-        sent = asyncio.get_running_loop().create_task(self._session().request(
+        if ex is None and len(body) <= LANE_READ_FIRST:
+            ex = self._exchange(request, target, path, body, t0, lane=True)
+        send = self._session().request(
             request.method, target.upstream_url(upstream_path), headers=headers,
-            data=body if body else None, allow_redirects=False, skip_auto_headers=skip),
-            name="sidecar-upstream-request")
+            data=body if body else None, allow_redirects=False, skip_auto_headers=skip)
         estimate: asyncio.Future[int] | None = None
-        try:
-            if ex is None:
-                await asyncio.sleep(0)  # let the request go out first
-                ex = self._exchange(request, target, path, body, t0)
-            meter = ex.meter
-            if meter.info.body is not None and not meter.prompt_estimated:
-                if len(body) > OFFLOAD_BYTES:
-                    estimate = asyncio.get_running_loop().run_in_executor(
-                        None, meter.estimate_prompt)
-                else:
-                    meter.estimate_prompt()
-        except BaseException:
-            sent.cancel()
-            raise
-        m = self.metrics
+        if ex is not None and ex.meter is None:
+            sent: Any = send
+        else:
+            sent = asyncio.get_running_loop().create_task(send, name="sidecar-upstream-request")
+            try:
+                if ex is None:
+                    await asyncio.sleep(0)  # let the request go out first
+                    ex = self._exchange(request, target, path, body, t0, lane=True)
+                meter = ex.meter
+                if meter is not None and meter.info.body is not None \
+                        and not meter.prompt_estimated:
+                    if len(body) > OFFLOAD_BYTES:
+                        estimate = asyncio.get_running_loop().run_in_executor(
+                            None, meter.estimate_prompt)
+                    else:
+                        meter.estimate_prompt()
+            except BaseException:
+                sent.cancel()
+                raise
         try:
             up = await sent
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             timed_out = isinstance(exc, TimeoutError)
             if estimate is not None:
                 await estimate
+            if ex.meter is None:
+                self._meter_now(ex)
             self._live_input(ex)
             ex.status = 504 if timed_out else 502
             ex.outcome = OUTCOME_TIMEOUT if timed_out else OUTCOME_UPSTREAM_ERROR
@@ -338,18 +369,28 @@ class Proxy:
         if estimate is not None:
             await estimate
         ex.status = up.status
-        self._live_input(ex)
         content_type = up.headers.get("Content-Type", "")
-        meter.start_response(content_type, up.headers.get("Content-Encoding"))
+        encoding = up.headers.get("Content-Encoding")
+        meter = ex.meter
+        if meter is None:
+            if streamed_type(content_type, json_stream=ex.info.json_stream):
+                meter = self._meter_now(ex)  # a stream after all: metered as one
+            else:
+                ex.tap = []
+                ex.content_type, ex.content_encoding = content_type, encoding
+        if meter is not None:
+            self._live_input(ex)
+            meter.start_response(content_type, encoding)
         resp = web.StreamResponse(status=up.status, reason=up.reason)
         for name, value in up.headers.items():
             if name.lower() not in HOP_BY_HOP:
                 resp.headers.add(name, value)
         if up.content_length is not None and "Content-Length" in up.headers:
             resp.content_length = up.content_length
-        if usage_filter is not None and not meter.streamed:
+        streamed = meter is not None and meter.streamed
+        if usage_filter is not None and not streamed:
             usage_filter = None
-        streamed = meter.streamed
+        m = self.metrics
         if streamed:
             m.c_in_flight(ex.provider, ex.model).inc()
         try:
@@ -361,14 +402,65 @@ class Proxy:
                 up.release()
             else:
                 up.close()
-            meter.end_of_body()
-            self._live_output(ex)
-            self._finish(ex)
+            if ex.meter is None:
+                self._settle_whole(ex)
+            else:
+                ex.meter.end_of_body()
+                self._live_output(ex)
+                self._finish(ex)
         if ex.abort and request.transport is not None:
             # The upstream broke mid-body: end the client's connection the same way rather
             # than sending a clean end of body the upstream never sent.
             request.transport.close()
         return resp
+
+    def _meter_now(self, ex: _Exchange) -> Meter:
+        """Leave the whole-answer lane: meter this exchange the general way from here on, with
+        what the lane read so far (the prompt estimate and its live count as well)."""
+        meter = self._meter(ex)
+        ex.meter = meter
+        if ex.info.body is not None:
+            meter.estimate_prompt()  # the lane takes bodies small enough to read on the loop
+        tap, ex.tap = ex.tap, None
+        if tap is not None:
+            self._live_input(ex)
+            meter.start_response(ex.content_type, ex.content_encoding)
+            for chunk in tap:
+                meter.feed(chunk)
+        return meter
+
+    def _settle_whole(self, ex: _Exchange) -> None:
+        """The end of a whole answer on the lane: settled from what the provider reported when
+        it reported every count (no estimate is made: the live counters get the reported
+        counts), else metered the general way (Meter) from the body the lane kept."""
+        s = None
+        tap = ex.tap
+        if ex.outcome == OUTCOME_COMPLETED and ex.status < 400 and tap is not None:
+            report = Report(ex.info.model)
+            try:
+                body = b"".join(tap)
+                enc = (ex.content_encoding or "identity").strip().lower()
+                if enc in ("gzip", "x-gzip", "deflate"):
+                    body = inflate(enc, body)
+                elif enc not in ("identity", ""):
+                    body = b""
+                    report.malformed("not decoded")
+                report.read(get_dialect(ex.dialect), body)
+                s = report.settle(ex.info.embeddings, ex.learned.hidden)
+            except Exception:  # a body we cannot read goes the general way (which counts it)
+                s = None
+        if s is None:
+            self._meter_now(ex).end_of_body()
+            self._live_output(ex)
+            self._finish(ex)
+            return
+        ex.tap = None
+        m = self.metrics
+        if s.input_tokens:
+            m.c_live(ex.provider, ex.model, "input", ex.key, ex.team).inc(s.input_tokens)
+        if s.output_tokens:
+            m.c_live(ex.provider, ex.model, "output", ex.key, ex.team).inc(s.output_tokens)
+        self._settle(ex, s, self.clock(), False, 0)
 
     async def _relay(self, request: web.Request, resp: web.StreamResponse,
                      up: aiohttp.ClientResponse, ex: _Exchange,
@@ -376,7 +468,7 @@ class Proxy:
         loop = asyncio.get_running_loop()
         meter = ex.meter
         cut_off = tuple(b for b in ex.charge.blocking if b.cut_off_streams) \
-            if meter.streamed else ()
+            if meter is not None and meter.streamed else ()
         client_ok = True
         drain_deadline: float | None = None
         try:
@@ -397,16 +489,26 @@ class Proxy:
                         client_ok = False
                         ex.outcome = OUTCOME_CLIENT_DISCONNECTED
                         if ex.disconnect == "close":
+                            if meter is None:
+                                meter = self._meter_now(ex)
                             meter.feed(chunk)
                             return
                         drain_deadline = self.clock() + self.settings.drain_timeout
-                if len(chunk) > OFFLOAD_BYTES:
-                    await loop.run_in_executor(None, meter.feed, chunk)
+                if meter is None:  # the whole-answer lane keeps the body for its end
+                    tap = ex.tap
+                    assert tap is not None
+                    tap.append(chunk)
+                    ex.tapped += len(chunk)
+                    if ex.tapped > OFFLOAD_BYTES:
+                        meter = self._meter_now(ex)  # too big to read at the end on the loop
                 else:
-                    meter.feed(chunk)
-                if meter.deferred:
-                    await loop.run_in_executor(None, meter.count_deferred)
-                self._live_output(ex)
+                    if len(chunk) > OFFLOAD_BYTES:
+                        await loop.run_in_executor(None, meter.feed, chunk)
+                    else:
+                        meter.feed(chunk)
+                    if meter.deferred:
+                        await loop.run_in_executor(None, meter.count_deferred)
+                    self._live_output(ex)
                 if drain_deadline is not None and self.clock() > drain_deadline:
                     return
                 if client_ok and cut_off and await self._cut_off(resp, ex, cut_off,
@@ -435,7 +537,8 @@ class Proxy:
                        content_type: str) -> bool:
         """End a stream that crossed a hard limit, cleanly, between two upstream frames."""
         hit = exhausted(self.ledger, budgets, self.wall())
-        if hit is None or not ex.meter.at_frame_boundary():
+        meter = ex.meter
+        if hit is None or meter is None or not meter.at_frame_boundary():
             return False
         message = f"budget {hit.name!r} exhausted mid-stream"
         event = stream_error_event(ex.dialect, message, content_type)
@@ -451,7 +554,9 @@ class Proxy:
         return True
 
     def _live_input(self, ex: _Exchange) -> None:
-        n = ex.meter.prompt_estimate
+        meter = ex.meter
+        assert meter is not None
+        n = meter.prompt_estimate
         if n:
             self.metrics.c_live(ex.provider, ex.model, "input", ex.key, ex.team).inc(n)
             if ex.charge.budgets:
@@ -461,7 +566,9 @@ class Proxy:
     def _live_output(self, ex: _Exchange) -> None:
         """Called after every upstream read: the labelled counter is resolved once per request,
         and the budget clock is read only when the request has budgets."""
-        n = ex.meter.take_live()
+        meter = ex.meter
+        assert meter is not None
+        n = meter.take_live()
         if n:
             if ex.live_out is None:
                 ex.live_out = self.metrics.c_live(ex.provider, ex.model, "output", ex.key,
@@ -472,30 +579,37 @@ class Proxy:
                 ex.charge.add(self.ledger, n, None if rate is None else n * rate, self.wall())
 
     def _finish(self, ex: _Exchange) -> None:
+        """Settle a metered exchange: reported usage wins, field by field, else the estimate."""
         meter = ex.meter
+        assert meter is not None
         end = self.clock()
         s = meter.settle(billable=ex.billable and not (
             ex.status >= 400 and meter.reported.empty() and not meter.raw_estimated_output))
+        self.metrics.metered(meter.bytes_fast, meter.bytes_metered - meter.bytes_fast,
+                             meter.estimated_chars)
+        self._learn(meter, ex.model)  # structure overheads for every model, factors for profiles
+        self._settle(ex, s, end, meter.streamed, meter.estimated_chars)
+
+    def _settle(self, ex: _Exchange, s: Settlement, end: float, streamed: bool,
+                estimated_chars: int) -> None:
+        """Metrics, cost, budgets and the record of one settled exchange (either lane)."""
         outcome = ex.outcome or OUTCOME_COMPLETED
         if outcome == OUTCOME_COMPLETED and (ex.status >= 400 or s.error):
             outcome = OUTCOME_UPSTREAM_ERROR
         m = self.metrics
-        stream = "true" if meter.streamed else "false"
+        stream = "true" if streamed else "false"
         m.settle(ex.provider, ex.model, ex.key, ex.team, s)
-        m.metered(meter.bytes_fast, meter.bytes_metered - meter.bytes_fast,
-                  meter.estimated_chars)
         priced = self._price(ex, s)
         cost = priced.usd
         m.cost(ex.provider, ex.model, ex.key, ex.team, s.source, cost,
                s.input_tokens + s.output_tokens)
         ex.charge.settle(self.ledger, s.input_tokens + s.output_tokens, cost, self.wall())
-        self._learn(meter, ex.model)  # structure overheads for every model, factors for profiles
         m.c_requests(ex.provider, ex.model, ex.key, ex.team, str(ex.status), outcome,
                      stream).inc()
         duration = end - ex.t0
         m.c_duration(ex.provider, ex.model, stream).observe(duration)
         ttft = tpot = None
-        if s.first_token_at is not None and meter.streamed:
+        if s.first_token_at is not None and streamed:
             ttft = s.first_token_at - ex.t0
             m.c_ttft(ex.provider, ex.model).observe(ttft)
             if s.output_tokens > 1:
@@ -505,7 +619,7 @@ class Proxy:
             m.genai.observe(_operation(ex), ex.provider, ex.model, s.input_tokens,
                             s.output_tokens, duration, ttft, tpot)
         if self.record is not None:
-            rec = _record(ex, s, outcome, duration, ttft, priced)
+            rec = _record(ex, s, outcome, duration, ttft, priced, streamed, estimated_chars)
             if self.worker is not None:
                 rec["worker"] = self.worker
             self.record(rec)
@@ -517,7 +631,7 @@ class Proxy:
                 or s.reported_cost_usd is not None):
             return UNPRICED
         entry = ex.entry
-        if s.model and s.model != ex.meter.info.model:
+        if s.model and s.model != ex.info.model:
             entry = ex.book.resolve(ex.provider, s.model, strict=ex.strict_provider) or entry
         return price_settlement(ex.book, entry, s, ex.provider, self.wall())
 
@@ -532,11 +646,7 @@ class Proxy:
         kind = (model, bool(meter.calls), bool(meter.prompt_tools), meter.prompt_thinking,
                 bool(meter.reported.reasoning), structure.effort_of(meter.info.body)
                 if meter.reported.reasoning or meter.prompt_thinking else None)
-        seen = self._seen.get(kind, 0) + 1
-        if len(self._seen) > 10_000:
-            self._seen.clear()
-        self._seen[kind] = seen
-        if seen > LEARN_ALL and seen % LEARN_EVERY:
+        if not _sample(self._seen, kind):
             return
         obs = meter.observation(model)
         if obs is not None:
@@ -549,6 +659,15 @@ class Proxy:
         given = meter.input_observation(model)
         if given is not None:
             structure.learn_input(self.calibration, given)
+
+
+def _sample(seen: dict[tuple[Any, ...], int], kind: tuple[Any, ...]) -> bool:
+    """Every request of a kind for its first LEARN_ALL, then one in LEARN_EVERY."""
+    n = seen.get(kind, 0) + 1
+    if len(seen) > 10_000:
+        seen.clear()
+    seen[kind] = n
+    return n <= LEARN_ALL or not n % LEARN_EVERY
 
 
 @dataclass(frozen=True, slots=True)
@@ -577,9 +696,11 @@ class _Exchange:
     provider: str
     model: str
     dialect: str
-    meter: Meter
+    info: RequestInfo
+    meter: Meter | None  # None on the whole-answer lane (until it leaves it: Proxy._meter_now)
     charge: Charge
     body: bytes
+    learned: _Learned
     book: PriceBook = field(repr=False)  # the price book of the policy this request started with
     status: int = 0
     outcome: str | None = None
@@ -590,11 +711,17 @@ class _Exchange:
     entry: Entry | None = None  # the price entry of the requested model
     strict_provider: bool = True
     disconnect: str = "close"  # what a client disconnect does: close | drain
+    # The whole-answer lane: the body read so far, its size, and the response's content type
+    # and encoding (for a Meter, should the lane hand the body over).
+    tap: list[bytes] | None = field(default=None, repr=False)
+    tapped: int = 0
+    content_type: str = ""
+    content_encoding: str | None = None
 
 
 def _operation(ex: _Exchange) -> str:
     """gen_ai.operation.name of the OpenTelemetry GenAI conventions."""
-    if ex.meter.info.embeddings:
+    if ex.info.embeddings:
         return "embeddings"
     if ex.dialect == "gemini":
         return "generate_content"
@@ -605,7 +732,9 @@ def _operation(ex: _Exchange) -> str:
 
 
 def _record(ex: _Exchange, s: Settlement, outcome: str, duration: float,
-            ttft: float | None, priced: Priced) -> dict[str, Any]:
+            ttft: float | None, priced: Priced, streamed: bool,
+            estimated_chars: int) -> dict[str, Any]:
+    estimated = ex.meter is not None  # the whole-answer lane estimates nothing
     return {
         "request_id": ex.request_id,
         "method": ex.method,
@@ -615,7 +744,7 @@ def _record(ex: _Exchange, s: Settlement, outcome: str, duration: float,
         "response_model": s.model,
         "key": ex.key,
         "team": ex.team,
-        "stream": ex.meter.streamed,
+        "stream": streamed,
         "status": ex.status,
         "outcome": outcome,
         "finish_reason": s.finish_reason,
@@ -626,8 +755,8 @@ def _record(ex: _Exchange, s: Settlement, outcome: str, duration: float,
         "output_source": s.output_source,
         "cached_input_tokens": s.cached_input_tokens,
         "reasoning_tokens": s.reasoning_tokens,
-        "estimated_input_tokens": s.estimated_input_tokens,
-        "estimated_output_tokens": s.estimated_output_tokens,
+        "estimated_input_tokens": s.estimated_input_tokens if estimated else None,
+        "estimated_output_tokens": s.estimated_output_tokens if estimated else None,
         "cache_write_input_tokens": s.cache_write_input_tokens,
         "billed_input_tokens": s.billed_input_tokens,
         "billed_output_tokens": s.billed_output_tokens,
@@ -641,6 +770,6 @@ def _record(ex: _Exchange, s: Settlement, outcome: str, duration: float,
         "ttft_seconds": None if ttft is None else round(ttft, 6),
         "duration_seconds": round(duration, 6),
         "frame_errors": s.frame_errors,
-        "length_estimated_chars": ex.meter.estimated_chars,
+        "length_estimated_chars": estimated_chars,
         "error": redact(ex.error or s.error, ex.secret),
     }
