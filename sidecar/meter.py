@@ -656,7 +656,7 @@ class Report:
     )
 
     def __init__(self, model: str | None) -> None:
-        self.reported = Usage()
+        self.reported: Usage | None = None
         self.model_name = model
         self.finish: str | None = None
         self.error_message: str | None = None
@@ -679,7 +679,7 @@ class Report:
         hidden reasoning the deployment learned for this model (a Meter would estimate it
         when reasoning goes unreported)."""
         r = self.reported
-        if self.frame_errors or self.error_message is not None or r.input is None:
+        if r is None or self.frame_errors or self.error_message is not None or r.input is None:
             return None
         if r.output is None and not (embeddings and not self.texts):
             return None
@@ -702,7 +702,10 @@ class Report:
             self.reasoning = True
 
     def usage(self, usage: Usage) -> None:
-        self.reported.merge(usage)
+        if self.reported is None:
+            self.reported = usage  # dialects hand over a new Usage each time: no copy needed
+        else:
+            self.reported.merge(usage)
 
     def model(self, name: str) -> None:
         self.model_name = name

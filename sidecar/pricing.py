@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -148,8 +148,7 @@ class Entry:
         return f"{self.provider}/{self.model}"
 
 
-@dataclass(frozen=True, slots=True)
-class Cost:
+class Cost(NamedTuple):
     usd: float
     input_usd: float
     output_usd: float
@@ -216,8 +215,11 @@ def cost(entry: Entry, usage: Mapping[str, float], at: float, units: Units,
         else:
             count = usage.get(unit.usage_key, 0)
             if descendants and count:
+                subsets: float = 0
+                for d in descendants:
+                    subsets += leaves[d]
                 # a provider's subsets exceeding their total: never negative
-                count = max(count - sum(leaves[d] for d in descendants), 0)
+                count = max(count - subsets, 0)
             leaves[unit.usage_key] = count
         if not count:
             continue
@@ -557,8 +559,7 @@ def price_book(overrides: Iterable[Override] = (), path: str | None = None) -> P
 REPORTED_COST_PROVIDERS = frozenset({"openrouter", "xai"})
 
 
-@dataclass(frozen=True, slots=True)
-class Priced:
+class Priced(NamedTuple):
     """The cost of one settled request and what it was priced by."""
 
     usd: float | None  # None: unpriced

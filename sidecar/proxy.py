@@ -18,7 +18,6 @@ from urllib.parse import unquote
 import aiohttp
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict
 
 from . import structure
 from .attribution import Attributor, bearer_key, redact
@@ -75,16 +74,20 @@ OUTCOME_REJECTED = "rejected"
 OUTCOME_CUT_OFF = "cut_off"
 
 RecordSink = Callable[[dict[str, Any]], None]
+_ENCODING: frozenset[str] = frozenset({"accept-encoding"})
+_NOTHING: frozenset[str] = frozenset()
+# The charge of a request no budget covers: Charge.add and settle do nothing without budgets.
+NO_CHARGE = Charge(())
 
 
-def _forward_headers(headers: Any) -> CIMultiDict[str]:
-    named = {h.strip().lower() for h in headers.get("Connection", "").split(",") if h.strip()}
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        low = name.lower()
-        if low not in HOP_BY_HOP and low not in named:
-            out.add(name, value)
-    return out
+def _forward_headers(headers: Any, drop: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """The request's headers for the upstream: hop-by-hop ones (and those its Connection header
+    names) left out, as are ``drop`` (lower-case names); repeated headers kept, in order."""
+    connection = headers.get("Connection")
+    if connection:
+        drop = drop | {h.strip().lower() for h in connection.split(",") if h.strip()}
+    return [(name, value) for name, value in headers.items()
+            if (low := name.lower()) not in HOP_BY_HOP and low not in drop]
 
 
 def error_body(message: str, kind: str) -> bytes:
@@ -239,7 +242,7 @@ class Proxy:
             charge = Charge(budgets, in_rate, out_rate,
                             blocking=tuple(b for b in budgets if b.action == "block"))
         else:
-            charge = Charge(())
+            charge = NO_CHARGE
         recorded = self.record is not None  # the key and an id serve the record alone
         ex = _Exchange(
             secret=bearer_key(headers, request.query_string) if recorded else None,
@@ -317,12 +320,11 @@ class Proxy:
             if injected is not None:
                 body = injected
                 usage_filter = UsageChunkFilter()
-        headers = _forward_headers(request.headers)
+        # With a usage filter the meter must be able to read what it filters: the stream is
+        # asked for uncompressed.
+        headers = _forward_headers(request.headers, _ENCODING if usage_filter else _NOTHING)
         skip = [h for h in ("User-Agent", "Accept-Encoding", "Content-Type")
-                if h not in request.headers]
-        if usage_filter is not None:
-            # The meter must be able to read what it filters: ask for an uncompressed stream.
-            headers.popall("Accept-Encoding", None)
+                if h not in request.headers] or None
         if ex is None and len(body) <= LANE_READ_FIRST:
             ex = self._exchange(request, target, path, body, t0, lane=True)
         send = self._session().request(

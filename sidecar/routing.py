@@ -24,6 +24,10 @@ class Target:
     # The upstream is a known provider API (by its host), not a gateway or a self-hosted server.
     provider_api: bool = False
     _labels: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    base: str = field(init=False, compare=False, repr=False)  # the URL, no trailing slash
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "base", str(self.url).rstrip("/"))
 
     def provider_label(self, dialect: str) -> str:
         """The ``provider`` label of this route's requests in ``dialect`` (memoized)."""
@@ -55,7 +59,7 @@ class Target:
             raw_path = raw_path[len(self.prefix):] or "/"
             if not raw_path.startswith("/"):
                 raw_path = "/" + raw_path
-        return URL(str(self.url).rstrip("/") + raw_path, encoded=True)
+        return URL(self.base + raw_path, encoded=True)
 
 
 def targets(settings: Settings) -> list[Target]:

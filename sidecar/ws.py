@@ -207,10 +207,7 @@ class WebSocketRelay:
         from .proxy import _forward_headers, error_body
 
         p = self.p
-        headers = _forward_headers(request.headers)
-        for name in list(headers):
-            if name.lower() in _HANDSHAKE:
-                headers.popall(name, None)
+        headers = _forward_headers(request.headers, _HANDSHAKE)
         offered = [x.strip() for x in request.headers.getall("Sec-WebSocket-Protocol", ())
                    for x in x.split(",") if x.strip()]
         deflate = "permessage-deflate" in request.headers.get("Sec-WebSocket-Extensions", "")

@@ -63,7 +63,8 @@ def usage_from(obj: Any) -> Usage | None:
     r = u.reasoning
     if r and inp is not None and out is not None and total is not None and total == inp + out + r:
         u.output = out + r
-    elif u.reasoning is None and inp is not None and out is not None:
+    elif u.reasoning is None and inp is not None and out is not None and (
+            "reasoning_tokens" in obj or "citation_tokens" in obj):
         extra = [as_int(obj.get(k)) or 0 for k in ("reasoning_tokens", "citation_tokens")]
         if any(extra) and (total is None or total == inp + out + sum(extra)):
             u.output = out + sum(extra)
@@ -77,6 +78,8 @@ def usage_from(obj: Any) -> Usage | None:
     searches = obj.get("num_search_queries")
     if searches is not None:
         u.server_tools = tool_calls(web_search=as_int(searches))
+    if inp is not None or out is not None:
+        return u
     return None if u.empty() else u
 
 
