@@ -157,6 +157,8 @@ class Cost(NamedTuple):
 
 # Priced units, most specific first: (unit, usage keys of its priced descendants, direction).
 Plan = tuple[tuple["Unit", tuple[str, ...], str], ...]
+# A plan with a table's rates filled in: (usage key, rate, per, descendants, direction).
+Steps = tuple[tuple[str, "float | Tiered", int, tuple[str, ...], str], ...]
 
 
 class Units:
@@ -171,14 +173,16 @@ class Units:
         self._plans: dict[frozenset[str], Plan] = {}
         # The plan of a rates table the price data holds (tables live as long as the data):
         # keyed by the table's identity, checked against the table itself.
-        self._by_table: dict[int, tuple[Mapping[str, Any], Plan]] = {}
+        self._by_table: dict[int, tuple[Mapping[str, Any], Steps]] = {}
 
-    def plan_for(self, rates: Mapping[str, Any]) -> Plan:
-        """plan() of a rates table, remembered for tables that are seen again."""
+    def plan_for(self, rates: Mapping[str, Any]) -> Steps:
+        """plan() of a rates table with its rates filled in, remembered for tables that are
+        seen again (each request reads a few flat tuples instead of units and tables)."""
         hit = self._by_table.get(id(rates))
         if hit is not None and hit[0] is rates:
             return hit[1]
-        found = self.plan(rates)
+        found = tuple((u.usage_key, rates[u.price_key], u.per, descendants, direction)
+                      for u, descendants, direction in self.plan(rates))
         if len(self._by_table) > 4096:
             self._by_table.clear()
         self._by_table[id(rates)] = (rates, found)
@@ -209,23 +213,22 @@ def cost(entry: Entry, usage: Mapping[str, float], at: float, units: Units,
     total_input = usage.get("input_tokens", 0)
     leaves: dict[str, float] = {}
     usd_in = usd_out = usd_other = 0.0
-    for unit, descendants, direction in units.plan_for(rates):
-        if unit.usage_key == "requests":
+    for usage_key, rate, per, descendants, direction in units.plan_for(rates):
+        if usage_key == "requests":
             count: float = 1
         else:
-            count = usage.get(unit.usage_key, 0)
+            count = usage.get(usage_key, 0)
             if descendants and count:
                 subsets: float = 0
                 for d in descendants:
                     subsets += leaves[d]
                 # a provider's subsets exceeding their total: never negative
                 count = max(count - subsets, 0)
-            leaves[unit.usage_key] = count
+            leaves[usage_key] = count
         if not count:
             continue
-        rate = rates[unit.price_key]
         price = rate.at(total_input) if isinstance(rate, Tiered) else rate
-        amount = price * count / unit.per
+        amount = price * count / per
         if direction == "input":
             usd_in += amount
         elif direction == "output":

@@ -199,7 +199,8 @@ class Proxy:
                 body=error_body(f"request body exceeds the sidecar limit of "
                                 f"{self.settings.max_request_body} bytes (max_request_body)",
                                 "request_too_large"))
-        if target.include_usage or any(b.action == "block" for b in self.ledger.budgets):
+        budgets = self.ledger.budgets
+        if target.include_usage or (budgets and any(b.action == "block" for b in budgets)):
             # The request may be refused or rewritten: know it before anything is sent.
             ex = self._exchange(request, target, path, body, t0)
             prompt = 0
@@ -221,17 +222,19 @@ class Proxy:
         return await self._forward(request, target, path, upstream_path, body, None, t0)
 
     def _exchange(self, request: web.Request, target: Target, path: str, body: bytes,
-                  t0: float, *, lane: bool = False) -> _Exchange:
+                  t0: float, *, lane: bool = False, info: RequestInfo | None = None
+                  ) -> _Exchange:
         """Everything known before forwarding: dialect, attribution, meter, budgets. With
         ``lane``, a request for a whole answer gets no meter (the whole-answer lane) unless it
-        is one of the sample that is estimated."""
+        is one of the sample that is estimated. ``info``: the request, already read."""
         m = self.metrics
         headers = request.headers
         dialect_name = detect(path, headers) if target.dialect == AUTO else target.dialect
         dialect = get_dialect(dialect_name)
         provider = target.provider_label(dialect_name)
         ident = self.policy.attributor.identify(headers, request.query_string)
-        info = dialect.parse_request(path, request.query_string, body)
+        if info is None:
+            info = dialect.parse_request(path, request.query_string, body)
         model = m.model_label(info.model)
         book = self.policy.prices
         entry = book.resolve(provider, info.model, strict=target.provider_known)
@@ -325,8 +328,12 @@ class Proxy:
         headers = _forward_headers(request.headers, _ENCODING if usage_filter else _NOTHING)
         skip = [h for h in ("User-Agent", "Accept-Encoding", "Content-Type")
                 if h not in request.headers] or None
-        if ex is None and len(body) <= LANE_READ_FIRST:
-            ex = self._exchange(request, target, path, body, t0, lane=True)
+        info = None
+        if ex is None and len(body) <= LANE_READ_FIRST and not self.settings.estimate_all:
+            dialect = target.dialect if target.dialect != AUTO else detect(path, request.headers)
+            info = get_dialect(dialect).parse_request(path, request.query_string, body)
+            if not info.stream and not info.json_stream:  # a whole answer: the lane's
+                ex = self._exchange(request, target, path, body, t0, lane=True, info=info)
         send = self._session().request(
             request.method, target.upstream_url(upstream_path), headers=headers,
             data=body if body else None, allow_redirects=False, skip_auto_headers=skip)
@@ -338,7 +345,8 @@ class Proxy:
             try:
                 if ex is None:
                     await asyncio.sleep(0)  # let the request go out first
-                    ex = self._exchange(request, target, path, body, t0, lane=True)
+                    ex = self._exchange(request, target, path, body, t0, lane=True,
+                                        info=info)
                 meter = ex.meter
                 if meter is not None and meter.info.body is not None \
                         and not meter.prompt_estimated:
@@ -605,7 +613,8 @@ class Proxy:
         cost = priced.usd
         m.cost(ex.provider, ex.model, ex.key, ex.team, s.source, cost,
                s.input_tokens + s.output_tokens)
-        ex.charge.settle(self.ledger, s.input_tokens + s.output_tokens, cost, self.wall())
+        if ex.charge.budgets:
+            ex.charge.settle(self.ledger, s.input_tokens + s.output_tokens, cost, self.wall())
         m.c_requests(ex.provider, ex.model, ex.key, ex.team, str(ex.status), outcome,
                      stream).inc()
         duration = end - ex.t0

@@ -185,7 +185,7 @@ def test_report_settles_as_the_meter_does_or_declines(case: tuple[str, str, Any]
     else:
         assert "estimated" in (general.input_source, general.output_source,
                                general.reasoning_source) \
-            or general.error or general.frame_errors, (obj, general)
+            or general.error is not None or general.frame_errors, (obj, general)
 
 
 def test_report_declines_what_must_be_estimated() -> None:
