@@ -61,10 +61,11 @@ OFFLOAD_BYTES = 1024 * 1024
 # slower tiktoken cost 20-token-event streams 20% more CPU; at 256K, paced streams beside
 # tool-call streams waited 39-44 ms (p99) instead of 28-31.
 DEFER_CHARS = 128 * 1024
-# Request bodies up to this size are read before they are sent (parsing one costs a few
-# microseconds per KB): one that asks for a whole answer then goes straight to the
-# whole-answer lane. Larger ones are sent first and read while the upstream works.
-LANE_READ_FIRST = 64 * 1024
+# Request bodies up to this size are read before they are sent (a few microseconds): one that
+# asks for a whole answer then goes straight to the whole-answer lane, with nothing to do while
+# the upstream works. Larger ones (an agent's 20 KB+ history takes tens of microseconds to
+# parse) are sent first and read while the upstream works, on either lane.
+LANE_READ_FIRST = 4 * 1024
 
 OUTCOME_COMPLETED = "completed"
 OUTCOME_CLIENT_DISCONNECTED = "client_disconnected"
