@@ -257,8 +257,11 @@ class Proxy:
             learned=self._learned(model, dialect.name, info.body), entry=entry, book=book,
             strict_provider=target.provider_known,
             disconnect=target.disconnect_policy(dialect_name))
+        # The lane takes bodies whose estimate, should it need one after all, is made on the
+        # loop (larger ones are estimated in a worker while the upstream works).
         if not (lane and not self.settings.estimate_all and not info.stream
-                and not info.json_stream and not _sample(self._estimated, (dialect_name, model))):
+                and not info.json_stream and len(body) <= OFFLOAD_BYTES
+                and not _sample(self._estimated, (dialect_name, model))):
             ex.meter = self._meter(ex)
         return ex
 
@@ -431,7 +434,7 @@ class Proxy:
         meter = self._meter(ex)
         ex.meter = meter
         if ex.info.body is not None:
-            meter.estimate_prompt()  # the lane takes bodies small enough to read on the loop
+            meter.estimate_prompt()  # on the loop: the lane takes bodies up to OFFLOAD_BYTES
         tap, ex.tap = ex.tap, None
         if tap is not None:
             self._live_input(ex)

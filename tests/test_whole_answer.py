@@ -393,3 +393,18 @@ async def test_lane_and_meter_settle_the_same_over_the_wire(
                             "estimated_output_tokens")}
         settled.append((series, rec))
     assert settled[0] == settled[1]
+
+
+async def test_lane_leaves_huge_prompts_to_a_worker(stack: Stack, lane_always: None,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request body over OFFLOAD_BYTES is not taken by the lane: should its estimate be
+    needed after all, it would be made on the loop. It is estimated in a worker as before."""
+    monkeypatch.setattr(sidecar.proxy, "OFFLOAD_BYTES", 64 * 1024)
+    prompt = chat_body(stream=False, messages=[{"role": "user", "content": "word " * 20_000}])
+    assert len(prompt) > sidecar.proxy.OFFLOAD_BYTES
+    body = orjson.dumps(ANSWER)
+    sid = stack.upstream.add(Script(chunks=[body], headers=JSON))
+    status, _, got = await post(stack, sid, prompt)
+    assert status == 200 and got == body
+    rec = stack.records[-1]
+    assert rec["source"] == "reported" and rec["estimated_input_tokens"] > 20_000
