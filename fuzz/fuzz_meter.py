@@ -9,18 +9,21 @@ the read (Meter.count_deferred, as the proxy does for large texts) must give wha
 in feed() gives, live and settled. The native core (where built)
 reads the input, and its NUL-separated parts as a run of one template's events (with and
 without volatile pairs and padding): what it takes, the Python lane must take with the same
-text. Run by hand for long sessions:
+text. Whole bodies: where the whole-answer lane's Report settles one, a Meter settles it the
+same (estimates aside). Run by hand for long sessions:
     .venv/bin/python fuzz/fuzz_meter.py -max_total_time=600 fuzz/corpus
 The test suite runs it for a bounded number of inputs (tests/test_fuzz.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import atheris
 
 with atheris.instrument_imports():
+    from sidecar import meter as meter_module
     from sidecar import structure
     from sidecar.calibration import Calibration
     from sidecar.dialects import DIALECTS, fastlane
@@ -33,8 +36,7 @@ with atheris.instrument_imports():
         NDJSONDecoder,
         SSEDecoder,
     )
-    from sidecar import meter as meter_module
-    from sidecar.meter import Meter
+    from sidecar.meter import Meter, Report
     from sidecar.realtime import GEMINI, OPENAI, RealtimeMeter
     from sidecar.tokens import Tokenizers
 
@@ -71,6 +73,34 @@ def check_native(payload: bytes) -> None:
             if took != end or "".join(texts) != text:
                 raise AssertionError(f"native core read {data[:end]!r} as {text!r}, "
                                      f"Python as {texts!r} ({took} bytes)")
+
+
+def check_whole(dialect: object, tokenizer: object, payload: bytes, split: int) -> None:
+    """The whole-answer lane: wherever Report settles a body, a Meter settles it the same
+    (estimates aside); where it declines, the Meter estimated something or saw an error."""
+    info = RequestInfo(model="fuzz", embeddings=split % 2 == 0)
+    hidden = 0.0 if split % 3 else 7.5
+    report = Report(info.model)
+    report.read(dialect, payload)  # type: ignore[arg-type]
+    lane = report.settle(info.embeddings, hidden)
+    whole = Meter(dialect, info, tokenizer, lambda: 0.0)  # type: ignore[arg-type]
+    whole.hidden_expected = hidden
+    whole.start_response("application/json", None)
+    for i in range(0, len(payload), split):
+        whole.feed(payload[i:i + split])
+    whole.end_of_body()
+    general = whole.settle()
+    if lane is None:
+        if "estimated" not in (general.input_source, general.output_source,
+                               general.reasoning_source) \
+                and general.error is None and not general.frame_errors:
+            raise AssertionError(f"the lane declined what the meter settled as {general}")
+        return
+    mine = dataclasses.replace(lane, estimated_input_tokens=general.estimated_input_tokens,
+                               estimated_output_tokens=general.estimated_output_tokens,
+                               first_token_at=general.first_token_at)
+    if mine != general:
+        raise AssertionError(f"the lane settled {lane}, the meter {general}")
 
 
 def test_one_input(data: bytes) -> None:
@@ -119,6 +149,7 @@ def test_one_input(data: bytes) -> None:
     if pair[0].settle() != pair[1].settle():
         raise AssertionError(f"deferred counting settled {pair[1].settle()}, "
                              f"in feed {pair[0].settle()}")
+    check_whole(dialect, tokenizer, payload, split)
     counts = (s.input_tokens, s.output_tokens, s.estimated_input_tokens,
               s.estimated_output_tokens, s.cached_input_tokens or 0, s.reasoning_tokens or 0)
     if min(counts) < 0:
