@@ -297,8 +297,9 @@ OPTIONS: tuple[Option, ...] = (
            "(0: always exact; default 0.25)"),
     Option("estimate_all", "limits.estimate_all", "SIDECAR_ESTIMATE_ALL", lambda v: _bool(v),
            "estimate every non-streamed answer even when the provider reports its usage "
-           "(default: the first 64 per model, then one in 32, feed the estimate ratio and what "
-           "the sidecar learns; the rest settle from the report alone, at a fraction of the CPU)",
+           "(default: the first 64 per model, then one in 32 and one a minute at least, feed "
+           "the estimate ratio and what the sidecar learns; the rest settle from the report "
+           "alone, at a fraction of the CPU)",
            switch=True),
     Option("escaped_slashes", "paths.escaped_slashes", "SIDECAR_ESCAPED_SLASHES",
            _choice("reject", "keep"),

@@ -107,6 +107,8 @@ class Policy:
 # Learning from plain answers: every one for a model's first LEARN_ALL, then one in LEARN_EVERY.
 LEARN_ALL = 64
 LEARN_EVERY = 32
+# A whole answer whose usage is reported is estimated (the sample) at least this often per kind.
+ESTIMATE_EVERY_S = 60.0
 
 class Proxy:
     """Request handler; one per app. Everything it uses is injected."""
@@ -136,6 +138,7 @@ class Proxy:
         self.calibration = calibration or Calibration()
         self._seen: dict[tuple[Any, ...], int] = {}  # requests per kind (for _learn)
         self._estimated: dict[tuple[Any, ...], int] = {}  # whole answers per kind (the sample)
+        self._estimated_at: dict[tuple[Any, ...], float] = {}  # when each kind last was
         self._learned_cache: dict[tuple[Any, ...], _Learned] = {}
         self.clock = clock
         self.wall = wall
@@ -261,9 +264,22 @@ class Proxy:
         # loop (larger ones are estimated in a worker while the upstream works).
         if not (lane and not self.settings.estimate_all and not info.stream
                 and not info.json_stream and len(body) <= OFFLOAD_BYTES
-                and not _sample(self._estimated, (dialect_name, model))):
+                and not self._estimate_whole((dialect_name, model), t0)):
             ex.meter = self._meter(ex)
         return ex
+
+    def _estimate_whole(self, kind: tuple[str, str], now: float) -> bool:
+        """Whether a whole answer of this kind (dialect, model) is in the estimated sample:
+        the first LEARN_ALL, then one in LEARN_EVERY, and at least one a minute (a quiet
+        model's estimate ratio keeps its data; CPU matters only where requests are many)."""
+        last = self._estimated_at.get(kind)
+        if _sample(self._estimated, kind) or (last is not None
+                                              and now - last >= ESTIMATE_EVERY_S):
+            if len(self._estimated_at) > 10_000:
+                self._estimated_at.clear()
+            self._estimated_at[kind] = now
+            return True
+        return False
 
     def _meter(self, ex: _Exchange) -> Meter:
         info = ex.info

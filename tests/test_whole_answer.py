@@ -3,8 +3,10 @@ report alone (the estimate runs on a sample), with the same settlement the Meter
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gzip
+import math
 from typing import Any
 
 import aiohttp
@@ -222,6 +224,7 @@ def lane_always(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every whole answer on the lane (no warm-up sample, a sample of one in 1000)."""
     monkeypatch.setattr(sidecar.proxy, "LEARN_ALL", 0)
     monkeypatch.setattr(sidecar.proxy, "LEARN_EVERY", 1000)
+    monkeypatch.setattr(sidecar.proxy, "ESTIMATE_EVERY_S", math.inf)
 
 
 async def test_lane_settles_from_the_report(stack: Stack, lane_always: None) -> None:
@@ -260,6 +263,22 @@ async def test_lane_samples_estimates(stack: Stack, monkeypatch: pytest.MonkeyPa
     assert estimated == [True, True, True, False, False, True, False]
     assert stack.value("llm_token_estimate_ratio_count", token_type="output") == 4
     assert all(r["output_tokens"] == 97 and r["source"] == "reported" for r in stack.records)
+
+
+async def test_lane_samples_a_quiet_model_once_a_minute(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """However few its requests, a kind is estimated at least every ESTIMATE_EVERY_S."""
+    monkeypatch.setattr(sidecar.proxy, "LEARN_ALL", 1)
+    monkeypatch.setattr(sidecar.proxy, "LEARN_EVERY", 1000)
+    monkeypatch.setattr(sidecar.proxy, "ESTIMATE_EVERY_S", 0.3)
+    body = orjson.dumps(ANSWER)
+    estimated = []
+    for pause in (0, 0, 0.35, 0):
+        await asyncio.sleep(pause)
+        sid = stack.upstream.add(Script(chunks=[body], headers=JSON))
+        await post(stack, sid, chat_body(stream=False))
+        estimated.append(stack.records[-1]["estimated_output_tokens"] is not None)
+    assert estimated == [True, False, True, False]
 
 
 async def test_lane_estimates_what_the_provider_did_not_report(
