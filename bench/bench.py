@@ -225,6 +225,22 @@ class Target:
                 got["chars"] = float(line.split()[-1])
         return got["fast"], got["general"], got["chars"]
 
+    async def settled_counts(self) -> tuple[float, float]:
+        """(requests settled, of them estimated: their output estimate was compared with the
+        reported count) so far; zeros for targets without the metrics."""
+        if self.metrics is None:
+            return 0.0, 0.0
+        async with aiohttp.ClientSession() as s, s.get(self.metrics) as r:
+            text = await r.text()
+        requests = estimated = 0.0
+        for line in text.splitlines():
+            if line.startswith("llm_requests_total{"):
+                requests += float(line.split()[-1])
+            elif line.startswith("llm_token_estimate_ratio_count{") and \
+                    'token_type="output"' in line:
+                estimated += float(line.split()[-1])
+        return requests, estimated
+
     def cpu_seconds(self) -> float:
         """CPU time of every thread of the process and its children (workers), from the
         scheduler's nanosecond counters (the 10 ms ticks of /proc/PID/stat are too coarse to
@@ -843,7 +859,8 @@ def agent_body(turn: int) -> bytes:
 async def scenario_nonstream(targets: list[Target], upstream: str) -> Table:
     """Requests/s of each target, and of the sidecar's own process and app with the accounting
     taken out (bench/app_floor.py): what a request costs the sidecar before it meters. Two
-    requests: a one-line chat, and what an agent sends (agent_body)."""
+    requests: a one-line chat, and what an agent sends (agent_body). The last column is the
+    whole-answer lane's share: requests settled without an estimate."""
     rows: list[list[str]] = []
     tiny = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
     async with app_floor(upstream) as floor:
@@ -851,7 +868,8 @@ async def scenario_nonstream(targets: list[Target], upstream: str) -> Table:
                             ("agent, 21 KB (system prompt, 20 tools, history)", agent_body)):
             await _nonstream([*targets, floor], label, body, rows)
     return ("6. Non-streaming requests/s (20 concurrent)",
-            ["request", "target", "requests/s", "proxy CPU us / request", "vs bare"], rows)
+            ["request", "target", "requests/s", "proxy CPU us / request", "vs bare",
+             "settled from the report alone"], rows)
 
 
 async def _nonstream(targets: list[Target], label: str, body: Callable[[int], bytes],
@@ -871,16 +889,19 @@ async def _nonstream(targets: list[Target], label: str, body: Callable[[int], by
                     await r.read()
                 done += 1
 
+        settled0 = await t.settled_counts()
         cpu0 = t.cpu_seconds()
         async with client() as s:
             await asyncio.gather(*(worker(s) for _ in range(20)))
         rate = done / seconds
         rates[t.name] = rate
         cpu = (t.cpu_seconds() - cpu0) / done * 1e6 if done else 0.0
+        settled = [b - a for a, b in zip(settled0, await t.settled_counts(), strict=True)]
         bare = rates.get("bare aiohttp")
         rows.append([label, t.name, f"{rate:,.0f}", "-" if t.proc is None else f"{cpu:.0f}",
                      f"{rate / bare:.2f}x" if bare and t.name not in (
-                         "direct", "bare aiohttp") else "-"])
+                         "direct", "bare aiohttp") else "-",
+                     f"{1 - settled[1] / settled[0]:.0%}" if settled[0] else "-"])
 
 
 # ---------------------------------------------------------------------------------------------
