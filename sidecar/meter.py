@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from .dialects.base import REASONING, TOOL, Dialect, RequestInfo, Usage
+from .dialects.base import REASONING, TOOL, Dialect, RequestInfo, Sink, Usage
 from .dialects.fastlane import raw_event
 from .frames import Decoder, FrameError, SSEDecoder, decoder_for
 from .structure import (
@@ -103,6 +103,20 @@ class _Inflater:
 
     def feed(self, data: bytes) -> bytes:
         return self._obj.decompress(data)
+
+
+def read_body(dialect: Dialect, body: bytes, sink: Sink) -> bool:
+    """A whole (decoded) response body through the dialect's reader; False when there was
+    nothing to read (an empty body) or it was not JSON (the sink is told)."""
+    if not body.strip():
+        return False
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        sink.malformed("response body is not JSON")
+        return False
+    dialect.parse_body(obj, sink)
+    return True
 
 
 def inflate(encoding: str, data: bytes) -> bytes:
@@ -320,14 +334,8 @@ class Meter:
             elif self._body is not None and not self._undecodable:
                 body = b"".join(self._body)
                 self._body = None
-                if body.strip():
-                    try:
-                        obj = orjson.loads(body)
-                    except orjson.JSONDecodeError:
-                        self.malformed("response body is not JSON")
-                    else:
-                        self.dialect.parse_body(obj, self)
-                        self._count_pending()
+                if read_body(self.dialect, body, self):
+                    self._count_pending()
         except Exception as exc:
             self.malformed(f"meter error: {type(exc).__name__}")
         self.count_deferred()
@@ -666,13 +674,7 @@ class Report:
 
     def read(self, dialect: Dialect, body: bytes) -> None:
         """Parse a whole (decoded) body, as Meter.end_of_body does."""
-        if body.strip():
-            try:
-                obj = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                self.malformed("response body is not JSON")
-            else:
-                dialect.parse_body(obj, self)
+        read_body(dialect, body, self)
 
     def settle(self, embeddings: bool, hidden_expected: float) -> Settlement | None:
         """The settlement when nothing needs estimating, else None. ``hidden_expected``: the
