@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 from openai import AsyncOpenAI
+
+import sidecar.proxy
 
 from .conftest import Script, Stack, chat_chunks
 
@@ -50,3 +53,29 @@ async def test_non_streaming_through_sidecar_equals_direct(stack: Stack) -> None
     proxied = await _collect(stack.proxy_url, sid, stream=False)
     assert proxied == direct
     assert stack.value("llm_tokens_total", token_type="input", source="reported") == 12
+
+
+async def test_non_streaming_on_the_whole_answer_lane(stack: Stack,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK's non-streamed calls, past the estimated sample: settled from the report, the
+    SDK's answer unchanged (its request says nothing of streaming: the lane reads that)."""
+    monkeypatch.setattr(sidecar.proxy, "LEARN_ALL", 1)
+    monkeypatch.setattr(sidecar.proxy, "LEARN_EVERY", 1000)
+    body = orjson.dumps({"id": "chatcmpl-2", "object": "chat.completion", "created": 1,
+                         "model": "gpt-4o-mini-2024-07-18", "service_tier": "default",
+                         "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                                      "message": {"role": "assistant", "content": TEXT,
+                                                  "refusal": None, "annotations": []}}],
+                         "usage": {**USAGE, "prompt_tokens_details": {"cached_tokens": 0,
+                                                                      "audio_tokens": 0},
+                                   "completion_tokens_details": {"reasoning_tokens": 0}}})
+    sid = stack.upstream.add(Script(chunks=[body], headers={"Content-Type": "application/json"}))
+    direct = await _collect(stack.upstream.url, sid, stream=False)
+    for _ in range(3):
+        assert await _collect(stack.proxy_url, sid, stream=False) == direct
+    assert [r["estimated_output_tokens"] is None for r in stack.records] == [False, True, True]
+    assert all((r["input_tokens"], r["output_tokens"], r["source"]) == (12, 40, "reported")
+               for r in stack.records)
+    assert stack.value("llm_tokens_total", token_type="output", source="reported") == 120
+    assert stack.value("llm_live_tokens_total", token_type="output") == pytest.approx(
+        80 + stack.records[0]["estimated_output_tokens"])
