@@ -12,8 +12,8 @@ never priced as a neighbour.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
@@ -107,8 +107,17 @@ class Constraint:
 
 
 def _utc_date(at: float) -> date:
-    t = time.gmtime(at)
-    return date(t.tm_year, t.tm_mon, t.tm_mday)
+    """The UTC date of an epoch time (POSIX days are 86,400 s long)."""
+    return _day(int(at // 86400))
+
+
+@functools.lru_cache(maxsize=8)
+def _day(n: int) -> date:
+    """Day ``n`` after 1970-01-01 (every request asks the date of its time, most the same day)."""
+    return date.fromordinal(_EPOCH_ORDINAL + n)
+
+
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,11 +145,13 @@ class Entry:
             return chosen
         overrides: Rates = {}
         for when, constraint, rates in self.variants:
-            if constraint is not None and not constraint.active(at):
-                continue
-            if all(context.get(k) == v for k, v in when.items()):
-                for k, v in rates.items():
-                    overrides.setdefault(k, v)
+            for key, value in when.items():  # the context first: most variants are another's
+                if context.get(key) != value:
+                    break
+            else:
+                if rates and (constraint is None or constraint.active(at)):
+                    for k, v in rates.items():
+                        overrides.setdefault(k, v)
         return {**chosen, **overrides} if overrides else chosen
 
     @property

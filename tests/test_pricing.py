@@ -474,3 +474,33 @@ async def test_proxy_prices_the_model_that_answered(stack: Stack) -> None:
     rec = await stack.wait_record()
     assert rec["model"] == "router" and rec["priced_as"].endswith("/gpt-5-nano")
     assert rec["cost_usd"] == pytest.approx((1000 * 0.05 + 100 * 0.4) / 1e6)
+
+
+def test_variants_apply_by_the_genai_prices_rule_across_the_data() -> None:
+    """Every entry with variants, in each of its variants' contexts and at times inside and
+    outside their windows: the standard price in force, then per key the first variant that
+    matches the context and is active (stated here without the shortcuts rates() takes)."""
+    day = NOW // 86400 * 86400
+    times = [day + h * 3600 for h in (0, 2, 5, 7, 12, 23)] + [day - 400 * 86400]
+    checked = 0
+    for provider in BOOK.data.providers:
+        for model in provider.models:
+            entry = model.entry
+            if not entry.variants:
+                continue
+            contexts = [dict(when) for when, _, _ in entry.variants] + [{"service_tier": "x"}]
+            for at in times:
+                base = entry.rates(at)
+                for context in contexts:
+                    expect = dict(base)
+                    seen: set[str] = set()
+                    for when, constraint, rates in entry.variants:
+                        if all(context.get(k) == v for k, v in when.items()) and (
+                                constraint is None or constraint.active(at)):
+                            for k, v in rates.items():
+                                if k not in seen:
+                                    seen.add(k)
+                                    expect[k] = v
+                    assert dict(entry.rates(at, context)) == expect, (entry.label, at, context)
+                    checked += 1
+    assert checked > 100
