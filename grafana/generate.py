@@ -117,7 +117,9 @@ def overview() -> Board:
     b.panel("Live versus settled tokens/s", [
         (f"sum(rate(llm_live_tokens_total{{{SEL}}}[5m]))", "live (estimate)"),
         (f'sum(rate(llm_tokens_total{{token_type=~"input|output", {SEL}}}[5m]))',
-         "settled")], description="Live leads; settled follows when requests end.")
+         "settled")], description="Live leads (estimated as streams run; a whole answer "
+        "settled from its report adds the reported counts when it arrives); settled follows "
+        "when requests end.")
     b.panel("Tokens/s by key (top 10)", [(
         f'topk(10, sum by (key) (rate(llm_tokens_total{{token_type=~"input|output", {SEL}}}'
         "[5m])))", "{{key}}")], stack=True)

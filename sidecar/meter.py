@@ -119,9 +119,21 @@ def read_body(dialect: Dialect, body: bytes, sink: Sink) -> bool:
     return True
 
 
-def inflate(encoding: str, data: bytes) -> bytes:
-    """A whole gzip/deflate body, decoded as the meter decodes one read by read."""
-    return _Inflater(encoding).feed(data)
+def _inflater(content_encoding: str | None) -> _Inflater | None:
+    """The decoder of a Content-Encoding: None for identity; ValueError for one the meter does
+    not decode (the client gets the bytes all the same)."""
+    enc = (content_encoding or "identity").strip().lower()
+    if enc in ("gzip", "x-gzip", "deflate"):
+        return _Inflater(enc)
+    if enc not in ("identity", ""):
+        raise ValueError(f"content-encoding {enc!r} is not decoded by the meter")
+    return None
+
+
+def decode_whole(content_encoding: str | None, body: bytes) -> bytes:
+    """A whole body, decoded as the meter decodes one read by read (ValueError, zlib.error)."""
+    inflater = _inflater(content_encoding)
+    return body if inflater is None else inflater.feed(body)
 
 
 class Meter:
@@ -227,12 +239,11 @@ class Meter:
     # -- response side ------------------------------------------------------------------------
 
     def start_response(self, content_type: str | None, content_encoding: str | None) -> None:
-        enc = (content_encoding or "identity").strip().lower()
-        if enc in ("gzip", "x-gzip", "deflate"):
-            self._inflater = _Inflater(enc)
-        elif enc not in ("identity", ""):
+        try:
+            self._inflater = _inflater(content_encoding)
+        except ValueError as exc:
             self._undecodable = True
-            self.malformed(f"content-encoding {enc!r} is not decoded by the meter")
+            self.malformed(str(exc))
         kwargs = {} if self._max_frame_size is None else {"max_frame_size": self._max_frame_size}
         self._decoder = decoder_for(content_type, json_stream=self.info.json_stream, **kwargs)
         if self._decoder is not None:

@@ -29,7 +29,7 @@ from .errors import error_body as api_error_body
 from .errors import stream_error_event
 from .frames import streamed as streamed_type
 from .ledger import Charge, Ledger, exhausted
-from .meter import Meter, Report, Settlement, inflate
+from .meter import Meter, Report, Settlement, decode_whole
 from .metrics import Metrics
 from .paths import PathError, canonicalize
 from .pricing import UNPRICED, Entry, PriceBook, Priced, live_rates, price_settlement
@@ -233,7 +233,7 @@ class Proxy:
         is one of the sample that is estimated. ``info``: the request, already read."""
         m = self.metrics
         headers = request.headers
-        dialect_name = detect(path, headers) if target.dialect == AUTO else target.dialect
+        dialect_name = _dialect_of(target, path, headers)
         dialect = get_dialect(dialect_name)
         provider = target.provider_label(dialect_name)
         ident = self.policy.attributor.identify(headers, request.query_string)
@@ -350,8 +350,8 @@ class Proxy:
                 if h not in request.headers] or None
         info = None
         if ex is None and len(body) <= LANE_READ_FIRST and not self.settings.estimate_all:
-            dialect = target.dialect if target.dialect != AUTO else detect(path, request.headers)
-            info = get_dialect(dialect).parse_request(path, request.query_string, body)
+            info = get_dialect(_dialect_of(target, path, request.headers)).parse_request(
+                path, request.query_string, body)
             if not info.stream and not info.json_stream:  # a whole answer: the lane's
                 ex = self._exchange(request, target, path, body, t0, lane=True, info=info)
         send = self._session().request(
@@ -468,14 +468,8 @@ class Proxy:
         if ex.outcome == OUTCOME_COMPLETED and ex.status < 400 and tap is not None:
             report = Report(ex.info.model)
             try:
-                body = b"".join(tap)
-                enc = (ex.content_encoding or "identity").strip().lower()
-                if enc in ("gzip", "x-gzip", "deflate"):
-                    body = inflate(enc, body)
-                elif enc not in ("identity", ""):
-                    body = b""
-                    report.malformed("not decoded")
-                report.read(get_dialect(ex.dialect), body)
+                report.read(get_dialect(ex.dialect),
+                            decode_whole(ex.content_encoding, b"".join(tap)))
                 s = report.settle(ex.info.embeddings, ex.learned.hidden)
             except Exception:  # a body we cannot read goes the general way (which counts it)
                 s = None
@@ -690,6 +684,11 @@ class Proxy:
         given = meter.input_observation(model)
         if given is not None:
             structure.learn_input(self.calibration, given)
+
+
+def _dialect_of(target: Target, path: str, headers: Any) -> str:
+    """The route's wire format, or the one the path and headers name (detect is memoized)."""
+    return detect(path, headers) if target.dialect == AUTO else target.dialect
 
 
 def _sample(seen: dict[tuple[Any, ...], int], kind: tuple[Any, ...]) -> bool:
