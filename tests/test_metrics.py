@@ -40,6 +40,32 @@ def test_settle_adds_each_token_type_with_source() -> None:
     assert reg.get_sample_value("llm_frame_errors_total", {"provider": "openai"}) == 2
 
 
+def test_a_reported_zero_is_a_series_at_zero_and_an_absent_count_no_series() -> None:
+    """OpenAI states zero details on most answers (cached, reasoning, audio): each is a series
+    at 0 (rate() over it is 0, not "no data"), made without an increment; what the provider
+    did not state makes no series."""
+    reg = CollectorRegistry()
+    m = Metrics(reg)
+    m.settle("openai", "gpt-4o", "alice", "t", settlement(
+        cached_input_tokens=0, reasoning_tokens=0, input_audio_tokens=0, output_audio_tokens=0,
+        output_tokens=0))
+    m.settle("openai", "gpt-4o", "alice", "t", settlement(
+        cached_input_tokens=3, reasoning_tokens=None, input_audio_tokens=0,
+        output_audio_tokens=None, output_tokens=7))
+
+    def v(tt: str) -> float | None:
+        return reg.get_sample_value("llm_tokens_total", {
+            "provider": "openai", "model": "gpt-4o", "token_type": tt, "source": "reported",
+            "key": "alice", "team": "t"})
+    assert (v("input"), v("output"), v("cached_input"), v("reasoning")) == (20, 7, 3, 0)
+    assert (v("input_audio"), v("output_audio")) == (0, 0)
+    assert v("cache_write_input") is None and v("cache_write_1h_input") is None
+    created = reg.get_sample_value("llm_tokens_created", {
+        "provider": "openai", "model": "gpt-4o", "token_type": "reasoning",
+        "source": "reported", "key": "alice", "team": "t"})
+    assert created is not None
+
+
 def test_estimated_settlement_has_no_ratio_observation() -> None:
     reg = CollectorRegistry()
     m = Metrics(reg)
