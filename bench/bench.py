@@ -208,15 +208,18 @@ class Target:
     proc: subprocess.Popen[bytes] | None = None
     metrics: str | None = None  # the sidecar's /metrics, for its fast-lane counters
 
+    async def scrape(self) -> str:
+        """The sidecar's /metrics exposition ("" for targets without the metrics)."""
+        if self.metrics is None:
+            return ""
+        async with aiohttp.ClientSession() as s, s.get(self.metrics) as r:
+            return await r.text()
+
     async def meter_counts(self) -> tuple[float, float, float]:
         """(fast-lane bytes, general-path bytes, text characters estimated by length) so far;
         zeros for targets without the metrics (or a baseline commit that predates them)."""
-        if self.metrics is None:
-            return 0.0, 0.0, 0.0
-        async with aiohttp.ClientSession() as s, s.get(self.metrics) as r:
-            text = await r.text()
         got = {"fast": 0.0, "general": 0.0, "chars": 0.0}
-        for line in text.splitlines():
+        for line in (await self.scrape()).splitlines():
             if line.startswith('llm_meter_bytes_total{path="fast"}'):
                 got["fast"] = float(line.split()[-1])
             elif line.startswith('llm_meter_bytes_total{path="general"}'):
@@ -228,12 +231,8 @@ class Target:
     async def settled_counts(self) -> tuple[float, float]:
         """(requests settled, of them estimated: their output estimate was compared with the
         reported count) so far; zeros for targets without the metrics."""
-        if self.metrics is None:
-            return 0.0, 0.0
-        async with aiohttp.ClientSession() as s, s.get(self.metrics) as r:
-            text = await r.text()
         requests = estimated = 0.0
-        for line in text.splitlines():
+        for line in (await self.scrape()).splitlines():
             if line.startswith("llm_requests_total{"):
                 requests += float(line.split()[-1])
             elif line.startswith("llm_token_estimate_ratio_count{") and \
@@ -280,6 +279,10 @@ def wait_port(port: int, timeout: float = 30) -> None:
             return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on {port}")
+
+
+# A request the fake upstream answers with a whole (non-streamed) answer.
+NONSTREAM_HEADERS = {"X-Bench-Nonstream": "1", "Content-Type": "application/json"}
 
 
 # --budget: every request matches a USD budget, so live spend is computed per event.
@@ -739,8 +742,7 @@ async def scenario_mixed(targets: list[Target], rounds: int = 2) -> Table:
                             continue
                         async with s.post(t.url + "/v1/chat/completions",
                                           data=prompts[(base + heavy_done) % len(prompts)],
-                                          headers={"X-Bench-Nonstream": "1",
-                                                   "Content-Type": "application/json"}) as resp:
+                                          headers=NONSTREAM_HEADERS) as resp:
                             await resp.read()
                         heavy_done += 1
 
@@ -894,8 +896,7 @@ async def _nonstream(targets: list[Target], label: str, body: Callable[[int], by
                 nonlocal done
                 while time.monotonic() < stop:
                     async with s.post(url + "/v1/chat/completions", data=body(done),
-                                      headers={"X-Bench-Nonstream": "1",
-                                               "Content-Type": "application/json"}) as r:
+                                      headers=NONSTREAM_HEADERS) as r:
                         await r.read()
                     done += 1
 

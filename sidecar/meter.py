@@ -50,6 +50,8 @@ _PLAIN_KEYS = frozenset({"model", "messages", "stream", "stream_options", "tempe
                          "logprobs", "top_logprobs", "metadata", "store", "input",
                          "instructions", "prompt", "contents", "system"})
 
+# An error message the provider sent is kept (records, settlement) up to this many characters.
+ERROR_CHARS = 500
 SOURCE_REPORTED = "reported"
 SOURCE_ESTIMATED = "estimated"
 
@@ -507,7 +509,7 @@ class Meter:
     def error(self, message: str) -> None:
         if self._probe is not None:
             self._probe.append(None)
-        self.error_message = message[:500]
+        self.error_message = message[:ERROR_CHARS]
 
     def malformed(self, reason: str) -> None:
         if self._probe is not None:
@@ -727,7 +729,7 @@ class Report:
         self.finish = reason
 
     def error(self, message: str) -> None:
-        self.error_message = message[:500]
+        self.error_message = message[:ERROR_CHARS]
 
     def malformed(self, reason: str) -> None:
         self.frame_errors += 1

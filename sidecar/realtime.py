@@ -32,7 +32,7 @@ import orjson
 from .calibration import Calibration
 from .dialects.base import Usage, as_int
 from .dialects.gemini import usage_from as gemini_usage
-from .meter import LARGE_TEXT, SOURCE_ESTIMATED, SOURCE_REPORTED, Settlement
+from .meter import ERROR_CHARS, LARGE_TEXT, SOURCE_ESTIMATED, SOURCE_REPORTED, Settlement
 from .tokens import CountBudget, TextCounter, Tokenizer
 
 OPENAI = "openai-realtime"
@@ -520,7 +520,7 @@ class RealtimeMeter:
         elif kind == "error":
             err = obj.get("error")
             msg = err.get("message") if isinstance(err, dict) else None
-            self.error_message = str(msg or "error event")[:500]
+            self.error_message = str(msg or "error event")[:ERROR_CHARS]
 
     # -- Gemini Live --------------------------------------------------------------------------
 
