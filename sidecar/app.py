@@ -38,6 +38,7 @@ from .pricing import price_book
 from .proxy import Policy, Proxy, RecordSink
 from .state import StateStore, open_store
 from .tokens import Tokenizers, encoding_source
+from .upstream import Upstream
 
 log = logging.getLogger("sidecar")
 
@@ -180,7 +181,11 @@ def make_app(
                                 middlewares=[ConcurrencyLimit(settings.max_concurrent_requests)])
     ready = asyncio.Event()
     calibration = Calibration()
-    handler = Proxy(settings, session_getter=lambda: proxy_app[SESSION_KEY], metrics=metrics,
+    tls = upstream_ssl(settings)
+    upstream = Upstream(ssl_verify=tls, connect_timeout=settings.connect_timeout,
+                        read_timeout=settings.read_timeout)
+    handler = Proxy(settings, session_getter=lambda: proxy_app[SESSION_KEY], upstream=upstream,
+                    metrics=metrics,
                     worker=None if worker is None else worker.index,
                     tokenizers=tokenizers, policy=policy_for(settings), ledger=ledger,
                     record_sink=sink, calibration=calibration, clock=clock, wall=wall)
@@ -194,7 +199,7 @@ def make_app(
         for name in ("o200k_base", "cl100k_base"):
             log.info("encoding %s loaded from %s", name, encoding_source(name))
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True,
-                                         ssl=upstream_ssl(settings))
+                                         ssl=tls)
         timeout = aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout,
                                         sock_connect=settings.connect_timeout,
                                         sock_read=settings.read_timeout)
@@ -203,6 +208,7 @@ def make_app(
             cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
         app[SESSION_KEY] = session
         yield
+        upstream.close()
         await session.close()
         close_records()
 

@@ -35,6 +35,7 @@ from .paths import PathError, canonicalize
 from .pricing import UNPRICED, Entry, PriceBook, Priced, live_rates, price_settlement
 from .routing import Target, route, targets
 from .tokens import CountBudget, Tokenizers
+from .upstream import Upstream, UpstreamResponse
 from .usage_inject import UsageChunkFilter, inject
 from .ws import WebSocketRelay, is_upgrade
 
@@ -117,6 +118,7 @@ class Proxy:
         self,
         settings: Settings,
         session_getter: Callable[[], aiohttp.ClientSession],
+        upstream: Upstream,
         metrics: Metrics,
         tokenizers: Tokenizers,
         policy: Policy,
@@ -129,7 +131,8 @@ class Proxy:
     ) -> None:
         self.settings = settings
         self.worker = worker  # this process's index among --workers (None: the only one)
-        self._session = session_getter
+        self._session = session_getter  # WebSockets (ws.py)
+        self.upstream = upstream  # every other request
         self.metrics = metrics
         self.tokenizers = tokenizers
         self.policy = policy
@@ -346,17 +349,14 @@ class Proxy:
         # With a usage filter the meter must be able to read what it filters: the stream is
         # asked for uncompressed.
         headers = _forward_headers(request.headers, _ENCODING if usage_filter else _NOTHING)
-        skip = [h for h in ("User-Agent", "Accept-Encoding", "Content-Type")
-                if h not in request.headers] or None
         info = None
         if ex is None and len(body) <= LANE_READ_FIRST and not self.settings.estimate_all:
             info = get_dialect(_dialect_of(target, path, request.headers)).parse_request(
                 path, request.query_string, body)
             if not info.stream and not info.json_stream:  # a whole answer: the lane's
                 ex = self._exchange(request, target, path, body, t0, lane=True, info=info)
-        send = self._session().request(
-            request.method, target.upstream_url(upstream_path), headers=headers,
-            data=body if body else None, allow_redirects=False, skip_auto_headers=skip)
+        send = self.upstream.request(request.method, target.upstream_url(upstream_path),
+                                     headers, body)
         estimate: asyncio.Future[int] | None = None
         if ex is not None and ex.meter is None:
             sent: Any = send
@@ -487,7 +487,7 @@ class Proxy:
         self._settle(ex, s, self.clock(), False, 0)
 
     async def _relay(self, request: web.Request, resp: web.StreamResponse,
-                     up: aiohttp.ClientResponse, ex: _Exchange,
+                     up: UpstreamResponse, ex: _Exchange,
                      usage_filter: UsageChunkFilter | None, content_type: str) -> None:
         loop = asyncio.get_running_loop()
         meter = ex.meter

@@ -80,6 +80,8 @@ async def test_include_usage_is_injected_and_hidden_from_the_client(
         assert got == without  # the usage chunk the client never asked for is gone
         sent = orjson.loads(stack.upstream.requests[-1]["body"])
         assert sent["stream_options"] == {"include_usage": True}
+        # The filter reads what it hides: the stream is asked for with no Accept-Encoding.
+        assert "Accept-Encoding" not in stack.upstream.requests[-1]["headers"]
         assert stack.records[-1]["source"] == "reported"
         # A client that asked for usage gets it, untouched.
         async with s.post(stack.proxy_url + "/v1/chat/completions",

@@ -160,6 +160,17 @@ async def test_request_forwarded_faithfully(stack: Stack) -> None:
     assert seen["headers"]["Host"] == stack.upstream.url.split("//")[1]
 
 
+async def test_the_upstream_gets_no_header_the_client_did_not_send(stack: Stack) -> None:
+    sid = stack.upstream.add(Script(chunks=[b"{}"], headers={"Content-Type": "application/json"}))
+    async with aiohttp.ClientSession() as session, session.post(
+            stack.proxy_url + "/v1/chat/completions", data=chat_body(stream=False),
+            headers={"Authorization": f"Bearer {KEY}", "X-Script": sid},
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type")) as r:
+        assert r.status == 200
+    assert sorted(stack.upstream.requests[-1]["headers"]) == [
+        "Authorization", "Content-Length", "Host", "X-Script"]
+
+
 async def test_upstream_error_status_passes_through(stack: Stack) -> None:
     err = orjson.dumps({"error": {"message": "Rate limit reached", "type": "requests"}})
     sid = stack.upstream.add(Script(chunks=[err], status=429, headers={
