@@ -131,6 +131,19 @@ def _url(value: str) -> str:
     return value.rstrip("/")
 
 
+def _shown(value: Any) -> str:
+    """A value as an error quotes it, with any URL's credentials left out."""
+    return re.sub(r"//[^/@\s]*@", "//<credentials>@", repr(value))
+
+
+def _upstream_url(value: str) -> str:
+    url = _url(value)
+    if urlsplit(url).username is not None:
+        raise ValueError("carries credentials (user:password@), which would not be sent: the "
+                         "sidecar forwards each client's own Authorization; remove them")
+    return url
+
+
 def _positive_float(value: Any) -> float:
     f = float(value)
     if f <= 0:
@@ -264,7 +277,7 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("upstream", "upstream", "SIDECAR_UPSTREAM", _url,
+    Option("upstream", "upstream", "SIDECAR_UPSTREAM", _upstream_url,
            "upstream base URL every request is forwarded to (required)"),
     Option("listen", "listen", "SIDECAR_LISTEN", parse_hostport,
            "proxy address HOST:PORT (default 0.0.0.0:8080)"),
@@ -436,7 +449,7 @@ def _parse_routes(raw: Any, problems: list[str]) -> tuple[Route, ...]:
             problems.append(f"{where}.prefix: {prefix} is used by an earlier route")
         seen.add(prefix)
         kwargs: dict[str, Any] = {"prefix": prefix.rstrip("/") or "/"}
-        for key, parse in (("upstream", _url), ("dialect", _dialect), ("provider", _label),
+        for key, parse in (("upstream", _upstream_url), ("dialect", _dialect), ("provider", _label),
                            ("strip_prefix", _bool), ("include_usage", _bool),
                            ("client_disconnect", _choice("auto", "close", "drain"))):
             if entry.get(key) is None:
@@ -446,7 +459,7 @@ def _parse_routes(raw: Any, problems: list[str]) -> tuple[Route, ...]:
             try:
                 kwargs[key] = parse(entry[key])
             except ValueError as exc:
-                problems.append(f"{where}.{key}: {entry[key]!r} is invalid: {exc}")
+                problems.append(f"{where}.{key}: {_shown(entry[key])} is invalid: {exc}")
         if "upstream" in kwargs:
             out.append(Route(**kwargs))
     return tuple(out)
@@ -554,7 +567,7 @@ def load_settings(
         try:
             setattr(settings, opt.attr, opt.parse(value))
         except (ValueError, TypeError) as exc:
-            shown = "<hidden>" if opt.attr in ("key_hash_secret", "admin_token") else repr(value)
+            shown = "<hidden>" if opt.attr in ("key_hash_secret", "admin_token") else _shown(value)
             problems.append(f"{origin}: {shown} is invalid: {exc}")
 
     found, raw_keys = _lookup(tree, "attribution.keys")

@@ -39,6 +39,19 @@ def test_every_problem_listed_with_key_and_fix(tmp_path: Path) -> None:
         assert expected in text, expected
 
 
+def test_credentials_in_an_upstream_url_are_refused(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("upstream: https://user:pw@gateway.internal\nroutes:\n"
+                 "  - {prefix: /a, upstream: 'http://u@a.internal'}\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(f), env={})
+    text = "\n".join(err.value.problems)
+    assert "upstream: 'https://<credentials>@gateway.internal' is invalid: carries " \
+           "credentials" in text
+    assert "routes[0].upstream: 'http://<credentials>@a.internal' is invalid" in text
+    assert "pw" not in text and "//u@" not in text  # credentials are never echoed
+
+
 def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("a: [1\n")
