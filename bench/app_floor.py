@@ -1,7 +1,7 @@
 """The sidecar's own process and app with the accounting taken out: the floor a request costs
 the sidecar before it meters anything.
 
-Runs ``sidecar run`` (same settings, middleware, upstream session, event loop, metrics listener)
+Runs ``sidecar run`` (same settings, middleware, upstream client, event loop, metrics listener)
 with the proxy's handler replaced by the bare pass-through's forwarding (passthrough.forward):
 read the body, forward it, relay the answer read by read. Used by bench/bench.py (non-streaming
 table) to split the sidecar's cost into what its process and app cost anyway and what
@@ -20,7 +20,7 @@ from sidecar.cli import main
 
 
 async def handle(self: sidecar.proxy.Proxy, request: web.Request) -> web.StreamResponse:
-    return await forward(self._session(), self.targets[0].upstream_url(request.raw_path),
+    return await forward(self.upstream, self.targets[0].upstream_url(request.raw_path),
                          request)
 
 

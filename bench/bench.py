@@ -858,19 +858,36 @@ def agent_body(turn: int) -> bytes:
         {"role": "user", "content": f"Step {turn}: run the tests again and report."}]})
 
 
+@contextlib.asynccontextmanager
+async def lean_bare(upstream: str) -> AsyncIterator[Target]:
+    """The bare pass-through with the sidecar's upstream client (passthrough.py --client
+    sidecar): the floor of a proxy built on that client, beside the aiohttp one."""
+    port = free_port()
+    proc = await asyncio.to_thread(
+        subprocess.Popen, [*PROXY_CPUS, sys.executable, str(ROOT / "bench" / "passthrough.py"),
+                           "--upstream", upstream, "--port", str(port), "--client", "sidecar"])
+    await asyncio.to_thread(wait_port, port, 60)
+    try:
+        yield Target("bare, sidecar's client", f"http://127.0.0.1:{port}", proc)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 async def scenario_nonstream(targets: list[Target], upstream: str) -> Table:
-    """Requests/s of each target, and of the sidecar's own process and app with the accounting
-    taken out (bench/app_floor.py): what a request costs the sidecar before it meters. Two
+    """Requests/s of each target, of the bare pass-through with the sidecar's upstream client
+    (lean_bare), and of the sidecar's own process and app with the accounting taken out
+    (bench/app_floor.py): what a request costs the sidecar before it meters. Two
     requests: a one-line chat, and what an agent sends (agent_body). Three interleaved rounds
     of 3 s per target (_nonstream): medians, and the ratio to bare per round (median and
     range). The last column is the whole-answer lane's share: requests settled without an
     estimate."""
     rows: list[list[str]] = []
     tiny = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
-    async with app_floor(upstream) as floor:
+    async with app_floor(upstream) as floor, lean_bare(upstream) as lean:
         for label, body in (("one-line chat", lambda n: tiny),
                             ("agent, 21 KB (system prompt, 20 tools, history)", agent_body)):
-            await _nonstream([*targets, floor], label, body, rows)
+            await _nonstream([*targets, lean, floor], label, body, rows)
     return ("6. Non-streaming requests/s (20 concurrent; medians of 3 interleaved rounds)",
             ["request", "target", "requests/s", "proxy CPU us / request",
              "vs bare (range over rounds)",
