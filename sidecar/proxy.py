@@ -396,27 +396,31 @@ class Proxy:
             return web.Response(status=ex.status, content_type="application/json",
                                 body=error_body(ex.error, "upstream_error"))
 
-        if estimate is not None:
-            await estimate
-        ex.status = up.status
-        content_type = up.headers.get("Content-Type", "")
-        encoding = up.headers.get("Content-Encoding")
-        meter = ex.meter
-        if meter is None:
-            if streamed_type(content_type, json_stream=ex.info.json_stream):
-                meter = self._meter_now(ex)  # a stream after all: metered as one
-            else:
-                ex.tap = []
-                ex.content_type, ex.content_encoding = content_type, encoding
-        if meter is not None:
-            self._live_input(ex)
-            meter.start_response(content_type, encoding)
-        resp = web.StreamResponse(status=up.status, reason=up.reason)
-        for name, value in up.headers.items():
-            if name.lower() not in HOP_BY_HOP:
-                resp.headers.add(name, value)
-        if up.content_length is not None and "Content-Length" in up.headers:
-            resp.content_length = up.content_length
+        try:
+            if estimate is not None:
+                await estimate
+            ex.status = up.status
+            content_type = up.headers.get("Content-Type", "")
+            encoding = up.headers.get("Content-Encoding")
+            meter = ex.meter
+            if meter is None:
+                if streamed_type(content_type, json_stream=ex.info.json_stream):
+                    meter = self._meter_now(ex)  # a stream after all: metered as one
+                else:
+                    ex.tap = []
+                    ex.content_type, ex.content_encoding = content_type, encoding
+            if meter is not None:
+                self._live_input(ex)
+                meter.start_response(content_type, encoding)
+            resp = web.StreamResponse(status=up.status, reason=up.reason)
+            for name, value in up.headers.items():
+                if name.lower() not in HOP_BY_HOP:
+                    resp.headers.add(name, value)
+            if up.content_length is not None and "Content-Length" in up.headers:
+                resp.content_length = up.content_length
+        except BaseException:  # (cancelled while the prompt estimate ran): the answer unread
+            up.close()
+            raise
         streamed = meter is not None and meter.streamed
         if usage_filter is not None and not streamed:
             usage_filter = None

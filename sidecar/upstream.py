@@ -19,6 +19,7 @@ WebSockets keep aiohttp's session (``ws.py``); hooks keep theirs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections.abc import Callable, Iterable
@@ -83,6 +84,14 @@ class UpstreamResponse:
         if not self._done:
             self._done = True
             self._origin.discard(self._conn)
+
+    def __del__(self) -> None:
+        # A safety net, as aiohttp's ClientResponse has: an answer dropped without release()
+        # or close() does not keep its connection open.
+        if not self._done:
+            self._done = True
+            with contextlib.suppress(Exception):  # the loop may be gone (interpreter exit)
+                self._origin.discard(self._conn)
 
 
 class _Origin:
@@ -157,7 +166,8 @@ class _Origin:
         transport = conn.transport
         conn.close()
         if transport is not None and self.ssl is not None:
-            asyncio.get_running_loop().call_later(TLS_ABORT_S, transport.abort)
+            with contextlib.suppress(RuntimeError):  # no loop running (__del__ at exit)
+                asyncio.get_running_loop().call_later(TLS_ABORT_S, transport.abort)
 
 
 def _tls_context(verify: ssl.SSLContext | bool) -> ssl.SSLContext:

@@ -4,6 +4,7 @@ when it reuses a connection and when it must not, and the errors the proxy maps 
 from __future__ import annotations
 
 import asyncio
+import gc
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -152,6 +153,16 @@ async def test_an_unread_body_closes_its_connection(upstream: Upstream) -> None:
         server.reply = lambda _: OK
         assert await fetch(upstream, server.url + "/") == (200, b"ok")
         assert len(server.connections) == 2
+
+
+async def test_an_answer_dropped_without_release_closes_its_connection(
+        upstream: Upstream) -> None:
+    async with RawServer(lambda _: b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel") as server:
+        resp = await upstream.request("GET", URL(server.url + "/"), [], b"")
+        del resp
+        gc.collect()
+        await asyncio.sleep(0.05)
+        assert server.closed == 1
 
 
 async def test_releasing_before_the_end_does_not_reuse(upstream: Upstream) -> None:
