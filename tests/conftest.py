@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import os
 import shutil
+import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,17 @@ def tool(name: str, package: str) -> str:
 
 def promtool() -> str:
     return tool("promtool", "prometheus")
+
+
+async def serve(app: web.Application, ssl_context: ssl.SSLContext | None = None
+                ) -> tuple[web.AppRunner, int]:
+    """``app`` listening on a free loopback port (TLS with ``ssl_context``): its runner, for the
+    caller to clean up, and the port."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
 @dataclass
@@ -77,11 +89,7 @@ class ScriptedUpstream:
         return sid
 
     async def start(self) -> None:
-        self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.5)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.runner, port = await serve(self.app)
         self.url = f"http://127.0.0.1:{port}"
 
     async def stop(self) -> None:

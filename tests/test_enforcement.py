@@ -12,7 +12,7 @@ from aiohttp import web
 from sidecar.budgets import Budget
 from sidecar.config import Secret
 
-from .conftest import Script, Stack, StackFactory, chat_chunks, sse
+from .conftest import Script, Stack, StackFactory, chat_chunks, serve, sse
 
 USAGE = {"prompt_tokens": 21, "completion_tokens": 97, "total_tokens": 118}
 
@@ -118,11 +118,7 @@ async def test_webhook_fires_once_per_threshold_with_retry(stack_factory: StackF
 
     app = web.Application()
     app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve(app)
     try:
         stack = await stack_factory(
             webhook_url=f"http://127.0.0.1:{port}/hook",

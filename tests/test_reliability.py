@@ -26,6 +26,7 @@ from .conftest import (
     Stack,
     StackFactory,
     chat_chunks,
+    serve,
     sse,
 )
 
@@ -178,11 +179,8 @@ async def test_upstream_tls_is_verified_and_a_custom_ca_is_trusted(
         return web.json_response({"ok": True})
 
     app.router.add_route("*", "/{tail:.*}", hello)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-    await site.start()
-    url = f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore
+    runner, port = await serve(app, ctx)
+    url = f"https://127.0.0.1:{port}"
     try:
         strict = await stack_factory(upstream=url)
         trusting = await stack_factory(upstream=url, ca_file=str(cert))

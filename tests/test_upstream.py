@@ -16,6 +16,7 @@ from yarl import URL
 
 from sidecar.upstream import BadUpstreamResponse, Upstream, request_head
 
+from .conftest import serve
 from .test_reliability import _self_signed
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -240,11 +241,7 @@ async def test_chunked_answers_arrive_as_they_are_sent(upstream: Upstream) -> No
 
     app = web.Application()
     app.router.add_get("/s", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve(app)
     try:
         resp = await upstream.request("GET", URL(f"http://127.0.0.1:{port}/s"), [], b"")
         assert resp.headers["Transfer-Encoding"] == "chunked" and resp.content_length is None
@@ -333,11 +330,8 @@ async def _tls_server(tmp_path: Path) -> tuple[web.AppRunner, str, Path]:
         return web.Response(body=b"tls ok")
 
     app.router.add_get("/", hello)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-    await site.start()
-    return runner, f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/", cert  # type: ignore[union-attr]
+    runner, port = await serve(app, ctx)
+    return runner, f"https://127.0.0.1:{port}/", cert
 
 
 @pytest.mark.parametrize("verify", ["system", "ca", "off"])
