@@ -12,6 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from yarl import URL
 
 from sidecar.upstream import BadUpstreamResponse, Upstream, request_head
@@ -126,6 +128,26 @@ async def test_a_header_that_would_split_the_request_is_refused(
 def test_request_head_refuses_a_space_in_the_method() -> None:
     with pytest.raises(ValueError):
         request_head("GET /x", URL("http://h/"), "h", [], None)
+
+
+_TEXT = st.text(st.characters(codec="utf-8") | st.sampled_from("\r\n :\udcff"), max_size=12)
+
+
+@given(st.lists(st.tuples(_TEXT, _TEXT), max_size=5))
+@settings(max_examples=500, deadline=None)
+def test_no_header_can_split_the_request(headers: list[tuple[str, str]]) -> None:
+    """Any names and values: the head has exactly one line per header, each the name and value
+    given, or the request is refused. Nothing a client sends can become a second header or a
+    second request."""
+    try:
+        head = request_head("POST", URL("http://h/p"), "h", headers, 2)
+    except ValueError:
+        assert any("\r" in k + v or "\n" in k + v for k, v in headers)
+        return
+    lines = head.decode("utf-8", "surrogateescape").split("\r\n")
+    assert lines[0] == "POST /p HTTP/1.1" and lines[1] == "Host: h"
+    assert lines[2:-3] == [f"{k}: {v}" for k, v in headers]
+    assert lines[-3:] == ["Content-Length: 2", "", ""]
 
 
 async def test_keep_alive_reuses_one_connection_until_the_upstream_says_close(
