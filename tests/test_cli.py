@@ -59,3 +59,20 @@ async def test_demo_runs_and_settles_traffic(capsys: pytest.CaptureFixture[str])
     assert "gpt-" in table and "completed=" in table
     out = capsys.readouterr().out
     assert "final totals" in out and "mock upstream" in out
+
+
+def test_the_serving_process_raises_the_collector_thresholds_and_never_lowers_them() -> None:
+    import gc
+
+    from sidecar.cli import GC_THRESHOLD, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)  # CPython's defaults
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLD == (20_000, 10, 10)
+        gc.set_threshold(50_000, 5, 20)  # set higher by the host already: kept where higher
+        tune_gc()
+        assert gc.get_threshold() == (50_000, 10, 20)
+    finally:
+        gc.set_threshold(*before)
