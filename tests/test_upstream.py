@@ -108,6 +108,16 @@ async def test_the_request_is_the_callers_bytes(upstream: Upstream) -> None:
             + b"\xe9\r\nContent-Length: 4\r\n\r\nbody")
 
 
+async def test_a_large_body_arrives_whole(upstream: Upstream) -> None:
+    """Bodies over 64 KB go out in a write of their own, and the client waits for the
+    transport to drain before the read timeout starts."""
+    body = bytes(range(256)) * 16384  # 4 MiB
+    async with RawServer(lambda r: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+                         + (b"ok" if r.endswith(body) else b"no")) as server:
+        assert await fetch(upstream, server.url + "/", body=body) == (200, b"ok")
+        assert bytes(server.connections[0]).endswith(b"\r\n\r\n" + body)
+
+
 async def test_content_length_where_aiohttp_sends_one(upstream: Upstream) -> None:
     async with RawServer(lambda r: OK[:-2] if r.startswith(b"HEAD") else OK) as server:
         for method in ("GET", "POST", "DELETE", "HEAD"):
