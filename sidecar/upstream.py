@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
+import aiohappyeyeballs
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError
@@ -39,6 +42,10 @@ KEEPALIVE_S = 15.0
 TLS_ABORT_S = 2.0
 # Bodies at most this long go out in the same write as the head.
 _JOIN_BODY = 65536
+# How long a connection attempt has before the next address is tried too (aiohttp's default).
+HAPPY_EYEBALLS_S = 0.25
+
+AddrInfo = tuple[int, int, int, str, tuple[Any, ...]]
 
 
 class BadUpstreamResponse(aiohttp.ClientError):
@@ -230,11 +237,25 @@ class Upstream:
             origin = self._origins[key] = _Origin(url, tls, self._clock, self._keepalive)
         return origin
 
+    async def _addresses(self, origin: _Origin) -> Sequence[AddrInfo]:
+        infos = await asyncio.get_running_loop().getaddrinfo(origin.host, origin.port,
+                                                             type=socket.SOCK_STREAM)
+        if not infos:
+            raise OSError(f"{origin.host} resolved to no address")
+        return infos
+
     async def _connect(self, origin: _Origin) -> ResponseHandler:
+        """A new connection: the host's addresses tried as aiohttp tries them (Happy Eyeballs,
+        RFC 8305: the next address after 0.25 s, IPv6 and IPv4 interleaved), so an address
+        that hangs (an IPv6 route that goes nowhere) does not hold the request until the
+        connect timeout; then TLS where the scheme asks for it."""
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.connect_timeout):
+            sock = await aiohappyeyeballs.start_connection(
+                await self._addresses(origin), happy_eyeballs_delay=HAPPY_EYEBALLS_S,
+                interleave=1)
             _, conn = await loop.create_connection(
-                lambda: ResponseHandler(loop), origin.host, origin.port, ssl=origin.ssl,
+                lambda: ResponseHandler(loop), sock=sock, ssl=origin.ssl,
                 server_hostname=origin.server_hostname)
         origin.busy.add(conn)
         return conn

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -16,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from sidecar.upstream import BadUpstreamResponse, Upstream, request_head
+from sidecar.upstream import AddrInfo, BadUpstreamResponse, Upstream, request_head
 
 from .conftest import serve
 from .test_reliability import _self_signed
@@ -319,6 +322,32 @@ async def test_the_connect_timeout_bounds_the_tls_handshake() -> None:
                 await client.request("GET", URL(url + "/"), [], b"")
     finally:
         client.close()
+
+
+async def test_an_address_that_hangs_does_not_hold_the_request() -> None:
+    """Happy Eyeballs: while the first address hangs (a listener whose backlog is full drops
+    the handshake), the next is tried after 0.25 s, and the request goes through it."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    filler = socket.create_connection(full.getsockname())
+    hanging = full.getsockname()
+
+    class TwoAddresses(Upstream):
+        async def _addresses(self, origin: Any) -> Sequence[AddrInfo]:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", hanging),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", (origin.host, origin.port))]
+
+    client = TwoAddresses(connect_timeout=5)
+    try:
+        async with RawServer() as server:
+            started = time.monotonic()
+            assert await fetch(client, server.url + "/") == (200, b"ok")
+            assert time.monotonic() - started < 2
+    finally:
+        client.close()
+        filler.close()
+        full.close()
 
 
 async def test_a_refused_connection_is_an_os_error(upstream: Upstream) -> None:
