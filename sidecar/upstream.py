@@ -95,10 +95,8 @@ class UpstreamResponse:
     def __del__(self) -> None:
         # A safety net, as aiohttp's ClientResponse has: an answer dropped without release()
         # or close() does not keep its connection open.
-        if not self._done:
-            self._done = True
-            with contextlib.suppress(Exception):  # the loop may be gone (interpreter exit)
-                self._origin.discard(self._conn)
+        with contextlib.suppress(Exception):  # the loop may be gone (interpreter exit)
+            self.close()
 
 
 class _Origin:
