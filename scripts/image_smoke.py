@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -47,13 +48,25 @@ def log(msg: str) -> None:
     print(f"image-smoke: {msg}", flush=True)
 
 
+def call(*cmd: str) -> subprocess.CompletedProcess[str]:
+    """Run a command with its output kept apart: callers decide on the exit status (and read
+    stdout), never on what was printed. An error on stderr is not an answer on stdout."""
+    return subprocess.run(cmd, check=False, text=True, capture_output=True)
+
+
 def run(*cmd: str, check: bool = True, capture: bool = True) -> str:
-    done = subprocess.run(cmd, check=False, text=True,
-                          stdout=subprocess.PIPE if capture else None,
-                          stderr=subprocess.STDOUT if capture else None)
+    """stdout of a command that must succeed (``check``); a failure raises with everything it
+    printed."""
+    if not capture:
+        code = subprocess.run(cmd, check=False).returncode
+        if check and code != 0:
+            raise SmokeError(f"{' '.join(cmd)} failed ({code})")
+        return ""
+    done = call(*cmd)
     if check and done.returncode != 0:
-        raise SmokeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout or ''}")
-    return done.stdout or ""
+        raise SmokeError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
+                         f"{done.stdout}{done.stderr}")
+    return done.stdout
 
 
 def free_port() -> int:
@@ -70,27 +83,85 @@ def docker_available() -> bool:
 # -- building ------------------------------------------------------------------------------------
 
 
-def buildah_base(cache: Path) -> str:
-    """A Debian bookworm base with Python, made once with debootstrap and kept in buildah's
-    storage (and as a tarball in the cache, for a storage that was reset)."""
-    if run("buildah", "images", "-q", BASE, check=False).strip():
-        return BASE
+def base_recipe() -> str:
+    """What the base is made of: a cached tarball made from another recipe is not this base."""
+    return hashlib.sha256(f"bookworm|minbase|{BASE_PACKAGES}|{MIRROR}".encode()).hexdigest()[:12]
+
+
+def base_exists() -> bool:
+    """Whether buildah's storage holds the base: the exit status of `buildah inspect` decides
+    (0: found; 125: not known, or the storage could not be read)."""
+    return call("buildah", "inspect", "--type", "image", BASE).returncode == 0
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_tarball(cache: Path) -> Path | None:
+    """The cached base tarball of this recipe, if it is whole: its SHA-256 matches the one
+    written beside it when it was made. A tarball that does not match is removed."""
+    tarball = cache / f"base-bookworm-{base_recipe()}.tar"
+    digest = tarball.with_suffix(".tar.sha256")
+    if not tarball.is_file() or not digest.is_file():
+        return None
+    if digest.read_text().strip() == sha256_of(tarball):
+        return tarball
+    log(f"the cached base {tarball} does not match its SHA-256: making it again")
+    discard(tarball)
+    return None
+
+
+def discard(tarball: Path) -> None:
+    for path in (tarball, tarball.with_suffix(".tar.sha256")):
+        path.unlink(missing_ok=True)
+
+
+def make_tarball(cache: Path) -> Path:
+    """Debian bookworm with Python, made with debootstrap, as a tarball and its SHA-256."""
     cache.mkdir(parents=True, exist_ok=True)
-    tarball = cache / "base-bookworm.tar"
-    if not tarball.exists():
-        log(f"making the base with debootstrap ({MIRROR}; about a minute)")
-        with tempfile.TemporaryDirectory(prefix="sidecar-base-") as tmp:
-            run("debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", "bookworm",
-                tmp, MIRROR)
-            with tarfile.open(f"{tarball}.part", "w") as tar:
-                tar.add(tmp, arcname=".")
-        os.replace(f"{tarball}.part", tarball)
+    tarball = cache / f"base-bookworm-{base_recipe()}.tar"
+    log(f"making the base with debootstrap ({MIRROR}; about a minute)")
+    with tempfile.TemporaryDirectory(prefix="sidecar-base-") as tmp:
+        run("debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", "bookworm",
+            tmp, MIRROR)
+        with tarfile.open(f"{tarball}.part", "w") as tar:
+            tar.add(tmp, arcname=".")
+    os.replace(f"{tarball}.part", tarball)
+    tarball.with_suffix(".tar.sha256").write_text(sha256_of(tarball) + "\n")
+    return tarball
+
+
+def import_base(tarball: Path) -> None:
     ctr = run("buildah", "from", "scratch").strip()
     try:
         run("buildah", "add", ctr, str(tarball), "/")
         run("buildah", "commit", "-q", ctr, BASE)
     finally:
         run("buildah", "rm", ctr, check=False)
+
+
+def buildah_base(cache: Path) -> str:
+    """A Debian bookworm base with Python in buildah's storage: reused when the storage has
+    it, else imported from the cached tarball (checked by its SHA-256), else made with
+    debootstrap. A cached tarball that does not import is made again, once."""
+    if base_exists():
+        log(f"reusing {BASE} from buildah's storage")
+        return BASE
+    tarball = cached_tarball(cache)
+    if tarball is not None:
+        log(f"importing the cached base {tarball}")
+        try:
+            import_base(tarball)
+            return BASE
+        except SmokeError as exc:
+            log(f"the cached base did not import ({exc}); making it again")
+            discard(tarball)
+    import_base(make_tarball(cache))
     return BASE
 
 
@@ -123,8 +194,25 @@ def image_facts(engine: str) -> tuple[int, dict[str, Any]]:
 # -- running -------------------------------------------------------------------------------------
 
 
-# What the containers print, shown when the smoke test fails.
-OUTPUT = tempfile.TemporaryFile()
+class _Output:
+    """What the containers print, shown when the smoke test fails (a file made on first use:
+    importing this module opens nothing)."""
+
+    file: Any = None
+
+    def get(self) -> Any:
+        if self.file is None:
+            self.file = tempfile.TemporaryFile()
+        return self.file
+
+    def tail(self) -> str:
+        if self.file is None:
+            return ""
+        self.file.seek(0)
+        return str(self.file.read().decode(errors="replace")[-4000:])
+
+
+OUTPUT = _Output()
 
 
 @contextlib.contextmanager
@@ -136,7 +224,7 @@ def container(engine: str, cmd: list[str], env: dict[str, str]) -> Iterator[
     if engine == "docker":
         name = f"sidecar-smoke-{os.getpid()}"
         proc = subprocess.Popen(["docker", "run", "--rm", "--name", name, "--network", "host",
-                                 *envs, IMAGE, *cmd], start_new_session=True, stdout=OUTPUT,
+                                 *envs, IMAGE, *cmd], start_new_session=True, stdout=OUTPUT.get(),
                                 stderr=subprocess.STDOUT)
         try:
             yield proc, ["docker", "exec", name]
@@ -147,7 +235,7 @@ def container(engine: str, cmd: list[str], env: dict[str, str]) -> Iterator[
     ctr = run("buildah", "from", IMAGE).strip()
     benv = [a for k, v in env.items() for a in ("--env", f"{k}={v}")]
     prefix = ["buildah", "run", "--isolation", "chroot", "--network", "host", *benv, ctr, "--"]
-    proc = subprocess.Popen([*prefix, "sidecar", *cmd], start_new_session=True, stdout=OUTPUT,
+    proc = subprocess.Popen([*prefix, "sidecar", *cmd], start_new_session=True, stdout=OUTPUT.get(),
                             stderr=subprocess.STDOUT)
     try:
         yield proc, prefix
@@ -254,10 +342,11 @@ async def check_running(engine: str) -> dict[str, Any]:
         if uid in ("", "0"):
             raise SmokeError(f"the image runs as uid {uid!r}, not a non-root user")
         facts["uid"] = int(uid)
-        state = run(*exec_prefix, "sh", "-c", "touch /var/lib/sidecar/.smoke && "
-                    "rm /var/lib/sidecar/.smoke && echo writable", check=False)
-        if "writable" not in state:
-            raise SmokeError(f"the state volume /var/lib/sidecar is not writable: {state}")
+        state = call(*exec_prefix, "sh", "-c", "touch /var/lib/sidecar/.smoke && "
+                     "rm /var/lib/sidecar/.smoke")
+        if state.returncode != 0:
+            raise SmokeError("the state volume /var/lib/sidecar is not writable: "
+                             f"{state.stdout}{state.stderr}")
         # The tokenizers extra is in the image: every open vocabulary loads, offline, verified.
         loaded = json.loads(run(*exec_prefix, "sidecar", "tokenizers", "--load", "--json"))
         if not all(row.get("loaded") for row in loaded):
@@ -281,22 +370,93 @@ async def _wait_ready(s: Any, base: str, proc: subprocess.Popen[bytes]) -> float
     raise SmokeError("/readyz did not answer 200 within 60 s")
 
 
+def check_base() -> dict[str, Any]:
+    """The base in buildah's storage runs the Python the build stage needs."""
+    ctr = run("buildah", "from", BASE).strip()
+    try:
+        version = run("buildah", "run", "--isolation", "chroot", ctr, "--", "python3", "-c",
+                      "import ssl, sys, venv; print(sys.version.split()[0])").strip()
+    finally:
+        run("buildah", "rm", ctr, check=False)
+    return {"base": BASE, "base_python": version}
+
+
+@contextlib.contextmanager
+def fresh_storage() -> Iterator[Path]:
+    """An empty container storage of its own (CONTAINERS_STORAGE_CONF), as on a machine that
+    has never built anything; removed afterwards with everything in it."""
+    root = Path(tempfile.mkdtemp(prefix="sidecar-storage-"))
+    conf = root / "storage.conf"
+    conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{root / "graph"}"\n'
+                    f'runroot = "{root / "run"}"\n')
+    before = os.environ.get("CONTAINERS_STORAGE_CONF")
+    os.environ["CONTAINERS_STORAGE_CONF"] = str(conf)
+    try:
+        yield root
+    finally:
+        run("buildah", "rm", "--all", check=False)
+        run("buildah", "rmi", "--all", "--force", check=False)
+        for mount in mounts_under(root):
+            subprocess.run(["umount", "-l", mount], check=False, capture_output=True)
+        if before is None:
+            os.environ.pop("CONTAINERS_STORAGE_CONF", None)
+        else:
+            os.environ["CONTAINERS_STORAGE_CONF"] = before
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def mounts_under(root: Path) -> list[str]:
+    """Mount points below ``root``, deepest first (the storage driver may leave some)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    points = [line.split()[4] for line in lines if len(line.split()) > 4]
+    return sorted((m for m in points if m.startswith(f"{root}/")), key=len, reverse=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine", choices=["auto", "docker", "buildah"], default="auto")
     p.add_argument("--keep-image", action="store_true", help="keep the built image")
     p.add_argument("--json", action="store_true", help="print the facts as JSON")
+    p.add_argument("--fresh-storage", action="store_true",
+                   help="buildah: use an empty container storage of its own (a temporary "
+                        "CONTAINERS_STORAGE_CONF), removed afterwards")
+    p.add_argument("--base-only", action="store_true",
+                   help="buildah: only make (or import) the Debian base and check that it runs "
+                        "Python; build no image")
     args = p.parse_args()
     engine = args.engine
     if engine == "auto":
-        engine = "docker" if docker_available() else "buildah"
+        engine = "buildah" if args.base_only or args.fresh_storage or not docker_available() \
+            else "docker"
     if engine == "buildah" and (shutil.which("buildah") is None
                                 or shutil.which("debootstrap") is None):
         print("image-smoke: needs a Docker engine, or buildah and debootstrap "
               "(Debian packages; `make system-deps` installs them)", file=sys.stderr)
         return 2
+    if engine == "docker" and (args.base_only or args.fresh_storage):
+        print("image-smoke: --base-only and --fresh-storage are for buildah", file=sys.stderr)
+        return 2
     cache = Path(os.environ.get("SIDECAR_IMAGE_CACHE")
                  or Path.home() / ".cache" / "token-sidecar")
+    with fresh_storage() if args.fresh_storage else contextlib.nullcontext():
+        if args.base_only:
+            try:
+                t0 = time.monotonic()
+                buildah_base(cache)
+                facts = {**check_base(), "engine": engine,
+                         "base_seconds": round(time.monotonic() - t0, 1)}
+            except SmokeError as exc:
+                print(f"image-smoke: FAILED: {exc}", file=sys.stderr)
+                return 1
+            print(json.dumps(facts) if args.json else f"image-smoke: ok: {facts}")
+            return 0
+        return smoke(engine, cache, args.keep_image, args.json)
+
+
+def smoke(engine: str, cache: Path, keep_image: bool, as_json: bool) -> int:
     t0 = time.monotonic()
     try:
         build(engine, cache)
@@ -304,17 +464,16 @@ def main() -> int:
         facts = asyncio.run(check_running(engine))
         facts.update(engine=engine, build_seconds=round(built, 1))
     except SmokeError as exc:
-        OUTPUT.seek(0)
-        shown = OUTPUT.read().decode(errors="replace")[-4000:]
+        shown = OUTPUT.tail()
         print(f"image-smoke: FAILED: {exc}\n--- container output ---\n{shown}", file=sys.stderr)
         return 1
     finally:
         tool = "docker" if engine == "docker" else "buildah"
-        if not args.keep_image:
+        if not keep_image:
             run(tool, "rmi", IMAGE, check=False)
         if engine == "buildah":  # intermediate layers of earlier builds: bounded disk
             run("buildah", "rmi", "--prune", check=False)
-    if args.json:
+    if as_json:
         print(json.dumps(facts))
     else:
         log(f"ok: {engine}, image {facts['image_bytes'] / 1e6:.0f} MB, built in "
