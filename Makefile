@@ -25,7 +25,7 @@ system-deps:
 
 ## test: lint, type-check and the whole test suite
 test: $(VENV)/.dev system-deps
-	$(BIN)/ruff check sidecar tests
+	$(BIN)/ruff check sidecar tests scripts bench fuzz grafana
 	$(BIN)/mypy
 	$(BIN)/pytest
 

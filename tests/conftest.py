@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import itertools
 import os
 import shutil
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar, cast
 
 import pytest
 from aiohttp import web
@@ -28,6 +30,65 @@ def conformance_dir() -> Path | None:
     env = os.environ.get("SIDECAR_CONFORMANCE_DIR")
     path = Path(env) if env else ROOT.parent / "shared" / "fixtures"
     return path if path.is_dir() else None
+
+
+# How long a test waits for something it expects to happen before it fails: generous, since
+# a CI box is often busy with other work. A test never waits a fixed time and then asserts.
+WAIT_SECONDS = 30.0
+
+T = TypeVar("T")
+
+
+async def eventually(probe: Callable[[], Awaitable[T]] | Callable[[], T], *,
+                     within: float = WAIT_SECONDS, every: float = 0.05,
+                     what: str = "the condition") -> T:
+    """Poll ``probe`` (a function, sync or async) until it returns something truthy, and return
+    that; after ``within`` seconds fail with what it returned last."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        got = probe()
+        if inspect.isawaitable(got):
+            got = await got
+        if got:
+            return cast(T, got)
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} did not hold within {within:.0f} s; last seen: "
+                                 f"{got!r}")
+        await asyncio.sleep(every)
+
+
+async def steady(probe: Callable[[], T], *, quiet: float = 1.0,
+                 within: float = WAIT_SECONDS) -> T:
+    """``probe``'s value once it has not changed for ``quiet`` seconds (a flow that
+    backpressure has stopped), or its value after ``within`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    last, since = probe(), loop.time()
+    while loop.time() < deadline:
+        await asyncio.sleep(0.05)
+        now = probe()
+        if now != last:
+            last, since = now, loop.time()
+        elif loop.time() - since >= quiet:
+            break
+    return last
+
+
+def eventually_sync(probe: Callable[[], T], *, within: float = WAIT_SECONDS,
+                    every: float = 0.05, what: str = "the condition") -> T:
+    """``eventually`` for code that is not async."""
+    import time
+
+    deadline = time.monotonic() + within
+    while True:
+        got = probe()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {within:.0f} s; last seen: "
+                                 f"{got!r}")
+        time.sleep(every)
 
 
 def tool(name: str, package: str) -> str:
@@ -53,6 +114,77 @@ async def serve(app: web.Application, ssl_context: ssl.SSLContext | None = None
     return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
+class ImageJobs:
+    """The container image checks (tests/test_image.py), started in a thread when the session's
+    tests are collected: they spend most of their time in buildah, pip and apt on the core the
+    rest of the suite leaves idle. Each job is a command; its result is awaited by its test."""
+
+    JOBS: ClassVar[dict[str, list[str]]] = {
+        # The Debian base made (or imported from the hash-checked cache) in an empty container
+        # storage of its own: the path a machine that never built the image takes.
+        "base": ["--base-only", "--fresh-storage", "--json"],
+        # The whole image, built and run from the storage this machine uses (reused when it
+        # holds the base).
+        "image": ["--json"],
+    }
+
+    def __init__(self) -> None:
+        import threading
+
+        self.done: dict[str, Any] = {}
+        self._procs: list[Any] = []
+        self._stopped = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="image-jobs", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        import subprocess
+        import sys
+
+        for name, args in self.JOBS.items():
+            if self._stopped:
+                break
+            proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "image_smoke.py"),
+                                     *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, start_new_session=True)
+            self._procs.append(proc)
+            out, err = proc.communicate()
+            with self._cond:
+                self.done[name] = subprocess.CompletedProcess(proc.args, proc.returncode,
+                                                              out, err)
+                self._cond.notify_all()
+
+    def result(self, name: str, timeout: float = 1800.0) -> Any:
+        with self._cond:
+            if not self._cond.wait_for(lambda: name in self.done, timeout):
+                raise AssertionError(f"the image job {name!r} did not end in {timeout:.0f} s")
+            return self.done[name]
+
+    def stop(self) -> None:
+        import signal
+
+        self._stopped = True
+        for proc in self._procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+
+
+IMAGE_JOBS = ImageJobs()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if any(item.nodeid.startswith("tests/test_image.py::") for item in session.items):
+        IMAGE_JOBS.start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    IMAGE_JOBS.stop()
+
+
 @dataclass
 class Script:
     """What the upstream sends for one request."""
@@ -66,6 +198,10 @@ class Script:
     abort_after: int | None = None  # close the connection after this many chunks
     stall_after: int | None = None  # stop sending (but keep open) after this many chunks
     head_delay: float = 0.0  # seconds before the status line and headers
+    # Before the chunk of index ``gate_at``, wait until ``gate`` is set (a test holds a stream
+    # open at a known point for as long as it looks, however slow the machine is).
+    gate: asyncio.Event | None = None
+    gate_at: int = 0
 
 
 class ScriptedUpstream:
@@ -119,6 +255,8 @@ class ScriptedUpstream:
                     return resp
                 if script.stall_after is not None and i == script.stall_after:
                     await asyncio.sleep(3600)
+                if script.gate is not None and i == script.gate_at:
+                    await script.gate.wait()
                 if script.delay:
                     await asyncio.sleep(script.delay)
                 await resp.write(chunk)
@@ -147,7 +285,7 @@ class Stack:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.running.metrics_port}"
 
-    async def wait_record(self, within: float = 6.0) -> dict[str, Any]:
+    async def wait_record(self, within: float = WAIT_SECONDS) -> dict[str, Any]:
         """The newest request record, waiting for the request to settle if need be."""
         deadline = asyncio.get_running_loop().time() + within
         while not self.records:
@@ -271,10 +409,12 @@ def redis_url(tmp_path: Path) -> Any:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import socket
 
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT_SECONDS
     while True:
+        if proc.poll() is not None:  # its exit status says it will not answer
+            pytest.fail(f"redis-server exited with status {proc.returncode} on port {port}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
                 if s.recv(16).startswith(b"+PONG"):
                     break
@@ -282,7 +422,7 @@ def redis_url(tmp_path: Path) -> Any:
             pass
         if time.monotonic() > deadline:
             proc.kill()
-            pytest.fail("redis-server did not start")
+            pytest.fail(f"redis-server did not answer PING within {WAIT_SECONDS:.0f} s")
         time.sleep(0.05)
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
@@ -321,8 +461,13 @@ class SidecarProcess:
             sys.executable, "-m", "sidecar", "run", "--listen", f"127.0.0.1:{self.port}",
             "--metrics-listen", f"127.0.0.1:{self.metrics_port}", env=self.env, cwd=ROOT,
             stdout=subprocess.DEVNULL, stderr=stderr if stderr is not None else subprocess.DEVNULL)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_SECONDS
         async with aiohttp.ClientSession() as s:
-            for _ in range(300):
+            while loop.time() < deadline:
+                if self.proc.returncode is not None:
+                    raise AssertionError(f"the sidecar exited with status {self.proc.returncode}"
+                                         " before it was ready")
                 try:
                     async with s.get(self.metrics_url + "/readyz") as r:
                         if r.status == 200:
@@ -330,7 +475,7 @@ class SidecarProcess:
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.05)
-        raise AssertionError("the sidecar did not become ready")
+        raise AssertionError(f"the sidecar was not ready within {WAIT_SECONDS:.0f} s")
 
     async def stop(self, sig: int | None = None) -> int | None:
         import signal
