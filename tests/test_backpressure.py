@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from .conftest import Script, ScriptedUpstream, SidecarProcess
+from .conftest import Script, ScriptedUpstream, SidecarProcess, steady
 
 CHUNK = b"data: " + b"x" * 16_000 + b"\n\n"
 MIB = 2**20
@@ -45,9 +45,9 @@ async def _run(streams: int, per_stream: int) -> tuple[int, int, int]:
         before = rss_bytes(sidecar.pid)
         sids = [upstream.add(Script(chunks=[CHUNK] * n)) for _ in range(streams)]
         writers = [await _stalled_client(sidecar.port, sid) for sid in sids]
-        await asyncio.sleep(3)
+        # Until the flow stops: every stream's buffers are full and the sidecar waits.
+        written = await steady(lambda: sum(upstream.written.get(sid, 0) for sid in sids))
         grown = rss_bytes(sidecar.pid) - before
-        written = sum(upstream.written.get(sid, 0) for sid in sids)
         offered = streams * n * len(CHUNK)
         print(f"\n{streams} stalled clients: offered {offered / MIB:.0f} MiB, upstream wrote "
               f"{written / MIB:.1f} MiB, sidecar RSS grew {grown / MIB:.1f} MiB")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import time
 from pathlib import Path
@@ -10,7 +9,14 @@ from typing import Any
 
 import aiohttp
 
-from .conftest import Script, ScriptedUpstream, SidecarProcess, chat_chunks
+from .conftest import (
+    Script,
+    ScriptedUpstream,
+    SidecarProcess,
+    chat_chunks,
+    eventually,
+    eventually_sync,
+)
 
 USAGE = {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}  # 10 tokens a request
 
@@ -103,12 +109,20 @@ async def test_two_replicas_on_one_redis_see_the_same_spend(tmp_path: Path,
                 await a.request(s, sid)
             for _ in range(3):
                 await b.request(s, sid)
-        await asyncio.sleep(2.5)  # two checkpoints: each replica pushes, then reads back
-        assert await a.spent() == await b.spent() == 80
+        # Within two checkpoints each replica has pushed its spend, then read the other's back.
+        async def both() -> list[float]:
+            return [await a.spent(), await b.spent()]
+
+        await eventually(lambda: _equal_to(both(), [80, 80]), what="both replicas at 80")
     finally:
         await a.stop()
         await b.stop()
         await upstream.stop()
+
+
+async def _equal_to(got: Any, expected: Any) -> Any:
+    value = await got
+    return value == expected or None
 
 
 async def test_sighup_reloads_budgets_and_refuses_a_broken_file(tmp_path: Path) -> None:
@@ -116,7 +130,9 @@ async def test_sighup_reloads_budgets_and_refuses_a_broken_file(tmp_path: Path) 
     await upstream.start()
     cfg = _config(tmp_path)
     sc = Sidecar(upstream.url, cfg, "memory://")
-    await sc.start()
+    log = tmp_path / "sidecar.log"
+    with log.open("wb") as err:
+        await sc.start(stderr=err.fileno())
     try:
         async def names() -> list[str]:
             async with aiohttp.ClientSession() as s, s.get(sc.metrics_url + "/budgets") as r:
@@ -126,14 +142,11 @@ async def test_sighup_reloads_budgets_and_refuses_a_broken_file(tmp_path: Path) 
         cfg.write_text("budgets:\n  - name: reloaded\n    window: hour\n    limit_usd: 5\n")
         assert sc.proc is not None
         sc.proc.send_signal(signal.SIGHUP)
-        for _ in range(100):
-            if await names() == ["reloaded"]:
-                break
-            await asyncio.sleep(0.05)
-        assert await names() == ["reloaded"]
+        await eventually(lambda: _equal_to(names(), ["reloaded"]), what="the reload")
         cfg.write_text("budgets: [oops\n")  # invalid YAML: refused, the running config kept
         sc.proc.send_signal(signal.SIGHUP)
-        await asyncio.sleep(0.5)
+        eventually_sync(lambda: "config reload refused" in log.read_text(errors="replace"),
+                        what="the refusal in the log")
         assert await names() == ["reloaded"] and sc.proc.returncode is None
     finally:
         await sc.stop()

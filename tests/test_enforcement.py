@@ -12,7 +12,7 @@ from aiohttp import web
 from sidecar.budgets import Budget
 from sidecar.config import Secret
 
-from .conftest import Script, Stack, StackFactory, chat_chunks, serve, sse
+from .conftest import Script, Stack, StackFactory, chat_chunks, eventually, serve, sse
 
 USAGE = {"prompt_tokens": 21, "completion_tokens": 97, "total_tokens": 118}
 
@@ -124,14 +124,15 @@ async def test_webhook_fires_once_per_threshold_with_retry(stack_factory: StackF
             webhook_url=f"http://127.0.0.1:{port}/hook",
             budgets=(Budget("hooked", {}, "day", limit_tokens=200, thresholds=(0.5, 1.0)),))
         sid = stack.upstream.add(Script(chunks=[chat_chunks("hi", 2, usage=USAGE)]))
-        for _ in range(3):  # 118, 236, 354 tokens: 0.5 then 1.0 crossed, then nothing new
+        # 118 tokens cross 0.5 (the first delivery fails and is retried), 236 cross 1.0.
+        for expected in (1, 2):
             await post(stack, sid)
-            await asyncio.sleep(1.2)
-        for _ in range(60):
-            if len(received) >= 2:
-                break
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(0.5)
+            await eventually(lambda n=expected: len(received) >= n,
+                             what=f"webhook delivery {expected}")
+        # 354 cross nothing new: nothing is sent within a few checks (each second) after it.
+        # (A negative check: a slow machine can only make it pass, never fail, wrongly.)
+        await post(stack, sid)
+        await asyncio.sleep(3 * 1.0)
     finally:
         await runner.cleanup()
     assert sorted(r["threshold"] for r in received) == [0.5, 1.0]  # type: ignore[type-var]
@@ -143,9 +144,11 @@ async def test_reload_applies_valid_config_refuses_invalid_and_keeps_streams(
         stack_factory: StackFactory, tmp_path: Path) -> None:
     cfg = tmp_path / "sidecar.yaml"
     stack = await stack_factory()
-    sid = stack.upstream.add(Script(chunks=[*words(40), b"data: [DONE]\n\n"], delay=0.01))
+    gate = asyncio.Event()  # the stream stays open half-way until both reloads are done
+    sid = stack.upstream.add(Script(chunks=[*words(40), b"data: [DONE]\n\n"], gate=gate,
+                                    gate_at=20))
     task = asyncio.create_task(post(stack, sid), name="stream-across-reload")
-    await asyncio.sleep(0.1)
+    await eventually(lambda: stack.upstream.written.get(sid), what="the stream under way")
     cfg.write_text(f"upstream: {stack.upstream.url}\nbudgets:\n  - name: new\n"
                    "    window: day\n    limit_tokens: 1000\n"
                    "prices:\n  gpt-4o-mini: {input: 1, output: 1}\n")
@@ -154,6 +157,8 @@ async def test_reload_applies_valid_config_refuses_invalid_and_keeps_streams(
     cfg.write_text("budgets:\n  - name: broken\n    window: fortnight\n")
     assert not stack.apps.reload_from(str(cfg))
     assert [b.name for b in stack.apps.ledger.budgets] == ["new"]
+    assert not task.done()
+    gate.set()
     status, body = await task
     assert status == 200 and body.endswith(b"data: [DONE]\n\n")
 

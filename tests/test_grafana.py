@@ -28,7 +28,7 @@ from sidecar.config import Settings
 from sidecar.mock_upstream import make_mock_app
 from sidecar.tokens import Tokenizers
 
-from .conftest import ROOT, _free_port, tool
+from .conftest import ROOT, _free_port, eventually, tool
 
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 RULES = ROOT / "deploy" / "prometheus" / "rules" / "llm-sidecar.rules.yml"
@@ -154,13 +154,14 @@ async def prometheus(target: str, tmp: Path) -> AsyncIterator[str]:
         "--log.level=warn", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession() as s:
-            for _ in range(200):
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with s.get(url + "/-/ready") as r:
-                        if r.status == 200:
-                            break
-                await asyncio.sleep(0.1)
+        async def ready() -> bool:
+            assert proc.returncode is None, f"prometheus exited with status {proc.returncode}"
+            with contextlib.suppress(aiohttp.ClientError):
+                async with aiohttp.ClientSession() as s, s.get(url + "/-/ready") as r:
+                    return r.status == 200
+            return False
+
+        await eventually(ready, every=0.1, what="prometheus /-/ready")
         yield url
     finally:
         proc.terminate()
@@ -175,16 +176,25 @@ async def _query(s: aiohttp.ClientSession, url: str, expr: str) -> dict[str, Any
 
 async def test_every_panel_and_rule_against_real_prometheus(tmp_path: Path) -> None:
     async with running_stack() as (target, _apps), prometheus(target, tmp_path) as prom:
-        await asyncio.sleep(14)  # enough scrapes (1 s apart) for every rate window
         async with aiohttp.ClientSession() as s:
-            exported = await _exported_names(s, f"http://{target}/metrics")
-            empty = []
-            for board, title, expr in panel_queries():
-                res = await _query(s, prom, VARIABLES.sub(".*", expr))
-                assert res["status"] == "success", (board, title, expr, res)
-                if not res["data"]["result"]:
-                    empty.append(f"{board}: {title}: {expr}")
+            async def panels_without_data() -> list[str]:
+                empty = []
+                for board, title, expr in panel_queries():
+                    res = await _query(s, prom, VARIABLES.sub(".*", expr))
+                    assert res["status"] == "success", (board, title, expr, res)
+                    if not res["data"]["result"]:
+                        empty.append(f"{board}: {title}: {expr}")
+                return empty
+
+            # Scrapes are 1 s apart: a rate window has data once it holds two of them (about
+            # 14 s on a quiet machine for every panel). Polled, with a deadline for a busy box.
+            empty = await panels_without_data()
+            deadline = asyncio.get_running_loop().time() + 120
+            while empty and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(1.0)
+                empty = await panels_without_data()
             assert empty == [], "panels with no data:\n" + "\n".join(empty)
+            exported = await _exported_names(s, f"http://{target}/metrics")
 
             groups = yaml.safe_load(RULES.read_text())["groups"]
             recorded = {r["record"] for g in groups for r in g["rules"] if "record" in r}
@@ -196,10 +206,17 @@ async def test_every_panel_and_rule_against_real_prometheus(tmp_path: Path) -> N
                                            rule["expr"]))
                     unknown = names - exported - recorded - {"up"}
                     assert not unknown, f"{rule.get('alert') or rule.get('record')}: {unknown}"
-            async with s.get(prom + "/api/v1/rules") as r:
-                rules = (await r.json())["data"]["groups"]
-            bad = [(rule["name"], rule.get("lastError")) for g in rules for rule in g["rules"]
-                   if rule["health"] != "ok"]
+            async def rule_health() -> tuple[list[Any], list[Any]]:
+                async with s.get(prom + "/api/v1/rules") as r:
+                    rules = (await r.json())["data"]["groups"]
+                return rules, [(rule["name"], rule["health"], rule.get("lastError"))
+                               for g in rules for rule in g["rules"] if rule["health"] != "ok"]
+
+            rules, bad = await rule_health()
+            while any(h == "unknown" for _, h, _ in bad) and \
+                    asyncio.get_running_loop().time() < deadline:  # not evaluated yet
+                await asyncio.sleep(0.5)
+                rules, bad = await rule_health()
             assert len([rule for g in rules for rule in g["rules"]]) == 10
             assert bad == []
 

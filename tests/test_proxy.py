@@ -18,7 +18,7 @@ from yarl import URL
 from sidecar.meter import Meter
 from sidecar.tokens import Tokenizers
 
-from .conftest import Script, Stack, StackFactory, chat_chunks, split_at, sse
+from .conftest import Script, Stack, StackFactory, chat_chunks, eventually, split_at, sse
 
 KEY = "sk-test-secret-key-1234567890"
 TEXT = ("Streaming accounting has to be right even when a gateway re-chunks text into tiny "
@@ -84,18 +84,23 @@ async def test_live_counter_moves_while_stream_is_running(stack: Stack) -> None:
     words = TEXT.split(" ")
     chunks = [sse({"model": "gpt-4o-mini", "choices": [
         {"index": 0, "delta": {"content": w + " "}}]}, done=False) for w in words]
-    sid = stack.upstream.add(Script(chunks=[*chunks, b"data: [DONE]\n\n"], delay=0.02))
+    # The upstream holds the stream open half-way until the test has looked.
+    gate = asyncio.Event()
+    sid = stack.upstream.add(Script(chunks=[*chunks, b"data: [DONE]\n\n"], gate=gate,
+                                    gate_at=len(chunks) // 2))
+
+    async def live_output() -> float:
+        async with aiohttp.ClientSession() as s, s.get(stack.metrics_url + "/metrics") as r:
+            text = await r.text()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("llm_live_tokens_total{")
+                   and 'token_type="output"' in line)
+
     task = asyncio.create_task(post(stack, sid, chat_body()), name="slow-stream")
-    await asyncio.sleep(0.6)
-    async with aiohttp.ClientSession() as s, s.get(stack.metrics_url + "/metrics") as r:
-        text = await r.text()
-    mid = [line for line in text.splitlines()
-           if line.startswith("llm_live_tokens_total{") and 'token_type="output"' in line]
-    assert mid, text
-    mid_value = float(mid[0].rsplit(" ", 1)[1])
-    assert 0 < mid_value
+    mid_value = await eventually(live_output, what="live output tokens on /metrics")
     assert stack.value("llm_streams_in_flight", model="gpt-4o-mini") == 1
     assert stack.value("llm_tokens_total") == 0  # nothing settled yet
+    gate.set()
     await task
     final = stack.value("llm_live_tokens_total", token_type="output")
     assert mid_value < final
@@ -250,7 +255,7 @@ async def test_upstream_abort_mid_stream_is_upstream_error(stack: Stack) -> None
 
 
 async def test_idle_upstream_times_out(stack_factory: StackFactory) -> None:
-    stack = await stack_factory(read_timeout=0.3)
+    stack = await stack_factory(read_timeout=1.0)
     body = chat_chunks(TEXT, 10)
     sid = stack.upstream.add(Script(chunks=split_at(body, [300]), stall_after=1))
     with pytest.raises(aiohttp.ClientPayloadError):

@@ -26,6 +26,7 @@ from .conftest import (
     Stack,
     StackFactory,
     chat_chunks,
+    eventually,
     serve,
     sse,
 )
@@ -58,11 +59,8 @@ async def test_client_gone_before_headers_settles_and_releases_upstream(
     writer.close()  # gone before the upstream even answered
     rec = await stack.wait_record()
     assert rec["outcome"] == "client_disconnected"
-    for _ in range(100):
-        if sid in stack.upstream.disconnected:
-            break
-        await asyncio.sleep(0.02)
-    assert sid in stack.upstream.disconnected  # the upstream connection was closed, not leaked
+    # The upstream connection was closed, not leaked.
+    await eventually(lambda: sid in stack.upstream.disconnected, what="the upstream closed")
     assert stack.value("llm_streams_in_flight") == 0
 
 
@@ -150,13 +148,18 @@ async def test_header_and_concurrency_limits(stack_factory: StackFactory) -> Non
     async with aiohttp.ClientSession() as s:
         async with s.get(stack.proxy_url + "/v1/models", headers={"X-Big": "x" * 5000}) as r:
             assert r.status == 400
-        sid = stack.upstream.add(Script(chunks=[chunk("slow ")] * 20, delay=0.05))
-        slow = [asyncio.create_task(post(stack, sid), name=f"slow-{i}") for i in range(2)]
-        await asyncio.sleep(0.2)
+        gate = asyncio.Event()  # both slow streams stay open until the third was refused
+        sids = [stack.upstream.add(Script(chunks=[chunk("slow ")] * 20, gate=gate, gate_at=1))
+                for _ in range(2)]
+        slow = [asyncio.create_task(post(stack, sid), name=f"slow-{i}")
+                for i, sid in enumerate(sids)]
+        await eventually(lambda: all(stack.upstream.written.get(sid) for sid in sids),
+                         what="both slow streams under way")
         async with s.post(stack.proxy_url + "/v1/chat/completions", data=b"{}",
-                          headers={"X-Script": sid}) as r:
+                          headers={"X-Script": sids[0]}) as r:
             assert r.status == 503 and r.headers["Retry-After"] == "1"
             assert "max_concurrent_requests" in (await r.json())["error"]["message"]
+        gate.set()
         assert all(status == 200 for status, _ in await asyncio.gather(*slow))
 
 
@@ -236,7 +239,7 @@ async def test_known_keys_never_appear_in_any_output(stack_factory: StackFactory
                           headers={"Authorization": f"Bearer {keys['bearer']}"}) as r:
             outputs_502 = await r.text()
             assert r.status == 502
-    await asyncio.sleep(0.1)
+    await eventually(lambda: len(stack.records) == 20 and dead.records, what="every record")
     async with aiohttp.ClientSession() as s:
         async with s.get(stack.metrics_url + "/metrics") as r:
             metrics = await r.text()
@@ -271,18 +274,27 @@ async def test_sigterm_drains_in_flight_streams_then_exits() -> None:
     upstream = ScriptedUpstream()
     await upstream.start()
     body = [chunk(f"w{i} ") for i in range(40)] + [b"data: [DONE]\n\n"]
-    sid = upstream.add(Script(chunks=body, delay=0.05))  # a 2-second stream
-    sidecar = SidecarProcess(upstream.url, SIDECAR_SHUTDOWN_GRACE="10")
+    gate = asyncio.Event()  # the stream stays open half-way until the test has looked
+    sid = upstream.add(Script(chunks=body, gate=gate, gate_at=20))
+    sidecar = SidecarProcess(upstream.url, SIDECAR_SHUTDOWN_GRACE="30")
     await sidecar.start()
     try:
         async with aiohttp.ClientSession() as s:
             stream = asyncio.create_task(_read(s, sidecar.url, sid), name="draining-stream")
-            await asyncio.sleep(0.5)
+            await eventually(lambda: upstream.written.get(sid), what="the stream under way")
             assert sidecar.proc is not None
             sidecar.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
-            with pytest.raises(OSError):  # no new connections while draining
-                socket.create_connection(("127.0.0.1", sidecar.port), timeout=1).close()
+
+            def refused() -> bool:  # no new connections while draining
+                try:
+                    socket.create_connection(("127.0.0.1", sidecar.port), timeout=1).close()
+                except OSError:
+                    return True
+                return False
+
+            await eventually(refused, what="new connections refused")
+            assert not stream.done()
+            gate.set()
             assert await stream == b"".join(body)  # the stream in flight finished whole
         assert await asyncio.wait_for(sidecar.proc.wait(), 20) == 0
     finally:

@@ -21,7 +21,7 @@ from sidecar.budgets import Budget
 from sidecar.mock_realtime import GEMINI_LIVE_PATH, make_realtime_routes
 from sidecar.tokens import Tokenizers
 
-from .conftest import Stack, StackFactory, start_stack, stop_stack
+from .conftest import Stack, StackFactory, start_stack, steady, stop_stack
 
 KEY = "sk-realtime-test-00000000000000"
 
@@ -308,8 +308,8 @@ async def test_a_slow_reader_holds_the_upstream_back(
     stack = await stack_factory(upstream=upstream.url)
     async with aiohttp.ClientSession() as s, s.ws_connect(
             stack.proxy_url + "/flood?n=256") as ws:
-        await asyncio.sleep(2)  # not reading: kernel buffers fill, then the relay waits
-        held = upstream.sent
+        # Not reading: kernel buffers fill, then the relay waits, and the upstream stops.
+        held = await steady(lambda: upstream.sent)
         got = 0
         while got < 256 * 2**20:
             msg = await ws.receive(timeout=10)

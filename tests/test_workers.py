@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +15,14 @@ import aiohttp
 import orjson
 import pytest
 
-from .conftest import Script, ScriptedUpstream, SidecarProcess, chat_chunks, promtool
+from .conftest import (
+    Script,
+    ScriptedUpstream,
+    SidecarProcess,
+    chat_chunks,
+    eventually,
+    promtool,
+)
 
 USAGE = {"prompt_tokens": 11, "completion_tokens": 22, "total_tokens": 33}
 
@@ -55,6 +63,13 @@ async def _metric(sidecar: SidecarProcess, name: str) -> float:
                if line.startswith(name) and not line.startswith("#"))
 
 
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
 def _worker_pids(supervisor: int) -> list[int]:
     children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
     return [int(p) for p in children]
@@ -76,19 +91,30 @@ async def test_two_workers_share_one_port_one_metrics_and_budgets(
             if status == 200:
                 assert got == body
         assert 429 in statuses, "500 tokens at 33 a request: the budget must run out"
-        await asyncio.sleep(2.0)  # every worker has read the shared spend back by now
-        for _ in range(20):
-            status, _ = await _post(sidecar.url, upstream.add(Script(chunks=[body])))
-            sent += 1
-            assert status == 429
-        records = _records(tmp_path)
+        # Every worker refuses once it has read the shared spend back (within a checkpoint).
+        async def twenty_refused() -> bool:
+            nonlocal sent
+            for _ in range(20):
+                status, _ = await _post(sidecar.url, upstream.add(Script(chunks=[body])))
+                sent += 1
+                if status != 429:
+                    return False
+            return True
+
+        await eventually(twenty_refused, every=0.2, what="20 refusals in a row")
+        records = await eventually(lambda: len(r := _records(tmp_path)) == sent and r,
+                                   what="every record")
         assert len(records) == sent
         assert {r["worker"] for r in records} == {0, 1}  # both answered
         assert {r["worker"] for r in records[-20:]} == {0, 1}  # and both refused
         assert await _metric(sidecar, "llm_requests_total{") == sent  # summed over both
         assert await _metric(sidecar, "llm_workers ") == 2
         assert await _metric(sidecar, "llm_sidecar_build_info{") == 1  # once, not per worker
-        assert await _metric(sidecar, 'llm_budget_usage_ratio{budget="shared"}') >= 1.0
+
+        async def spent_seen() -> bool:  # the supervisor reads the shared spend every second
+            return await _metric(sidecar, 'llm_budget_usage_ratio{budget="shared"}') >= 1.0
+
+        await eventually(spent_seen, every=0.1, what="the budget spent on /metrics")
         async with aiohttp.ClientSession() as s, s.get(sidecar.metrics_url + "/metrics") as r:
             exposition = await r.read()
         lint = await asyncio.create_subprocess_exec(
@@ -115,34 +141,37 @@ async def test_a_killed_worker_is_replaced_and_the_other_keeps_its_streams(
                 break
             await _post(sidecar.url, upstream.add(Script(chunks=[quick])))
             warm += 1
-            for _ in range(50):  # its record is written just after the client saw the end
-                if len(_records(tmp_path)) == warm:
-                    break
-                await asyncio.sleep(0.02)
+            # Its record is written just after the client saw the end.
+            await eventually(lambda n=warm: len(_records(tmp_path)) == n,
+                             what="the record")
         body = chat_chunks("slow enough to be cut " * 4, 4, usage=USAGE)
         chunks = [body[i:i + 40] for i in range(0, len(body), 40)]
-        streams = [asyncio.create_task(_post(sidecar.url, upstream.add(
-            Script(chunks=chunks, delay=1.2 / len(chunks)))), name=f"stream-{i}")
-            for i in range(16)]
-        await asyncio.sleep(0.5)
+        gate = asyncio.Event()  # every stream is under way, and held, when the worker dies
+        sids = [upstream.add(Script(chunks=chunks, gate=gate, gate_at=1)) for _ in range(16)]
+        streams = [asyncio.create_task(_post(sidecar.url, sid), name=f"stream-{i}")
+                   for i, sid in enumerate(sids)]
+        await eventually(lambda: all(upstream.written.get(sid) for sid in sids),
+                         what="16 streams under way")
         victim = _worker_pids(sidecar.pid)[0]
         os.kill(victim, signal.SIGKILL)
+        await eventually(lambda: not os.path.exists(f"/proc/{victim}/stat")
+                         or _state(victim) == "Z", what="the worker gone")
+        gate.set()
         results = await asyncio.gather(*streams, return_exceptions=True)
         whole = [r for r in results if isinstance(r, tuple) and r == (200, body)]
         broken = [r for r in results if not (isinstance(r, tuple) and r == (200, body))]
         assert whole, "the surviving worker's streams complete"
         assert all(isinstance(r, aiohttp.ClientError) or r[0] == 200 for r in broken)
         # Every stream the survivor served completed and was recorded by it.
-        for _ in range(50):  # a record is written just after the client saw the last byte
-            if len(records := _records(tmp_path)[warm:]) >= len(whole):
-                break
-            await asyncio.sleep(0.05)
+        # A record is written just after the client saw the last byte.
+        records = await eventually(lambda: (r := _records(tmp_path)[warm:]) and
+                                   len(r) >= len(whole) and r, what="the survivor's records")
         assert len(records) == len(whole) and len({r["worker"] for r in records}) == 1
-        for _ in range(100):
-            if await _metric(sidecar, "llm_workers ") == 2:
-                break
-            await asyncio.sleep(0.1)
-        assert await _metric(sidecar, "llm_workers ") == 2
+
+        async def replaced() -> bool:
+            return await _metric(sidecar, "llm_workers ") == 2
+
+        await eventually(replaced, every=0.1, what="two workers again")
         assert await _metric(sidecar, "llm_worker_restarts_total") == 1
         assert victim not in _worker_pids(sidecar.pid)
         status, got = await _post(sidecar.url, upstream.add(Script(chunks=[body])))
@@ -156,12 +185,27 @@ async def test_sigterm_drains_both_workers(upstream: ScriptedUpstream, tmp_path:
     await sidecar.start()
     body = chat_chunks("drained to the last byte " * 3, 5, usage=USAGE)
     chunks = [body[i:i + 30] for i in range(0, len(body), 30)]
-    streams = [asyncio.create_task(_post(sidecar.url, upstream.add(
-        Script(chunks=chunks, delay=1.0 / len(chunks)))), name=f"drained-{i}") for i in range(12)]
-    await asyncio.sleep(0.3)
+    gate = asyncio.Event()  # every stream is under way, and held, when SIGTERM arrives
+    sids = [upstream.add(Script(chunks=chunks, gate=gate, gate_at=1)) for _ in range(12)]
+    streams = [asyncio.create_task(_post(sidecar.url, sid), name=f"drained-{i}")
+               for i, sid in enumerate(sids)]
+    await eventually(lambda: all(upstream.written.get(sid) for sid in sids),
+                     what="12 streams under way")
     assert len(_worker_pids(sidecar.pid)) == 2
-    code = await sidecar.stop()
+    assert sidecar.proc is not None
+    sidecar.proc.send_signal(signal.SIGTERM)
+
+    def refused() -> bool:  # both workers stopped accepting: draining
+        try:
+            socket.create_connection(("127.0.0.1", sidecar.port), timeout=1).close()
+        except OSError:
+            return True
+        return False
+
+    await eventually(refused, what="new connections refused")
+    gate.set()
     assert all(r == (200, body) for r in await asyncio.gather(*streams))
+    code = await sidecar.stop()
     assert code == 0
     records = _records(tmp_path)
     assert len(records) == 12 and all(r["outcome"] == "completed" for r in records)
